@@ -1,0 +1,25 @@
+"""RMSNorm, computed in fp32 and cast back, so a bf16 model normalises with full precision."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight (Zhang & Sennrich 2019); no mean subtraction and no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, elementwise_affine: bool = True):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), (self.dim,), weight, self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"

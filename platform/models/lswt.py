@@ -1,0 +1,142 @@
+"""LSWT, the Long-Short-Working Transformer (ARCHITECTURES.md §0 and §3; seed 002).
+
+A pre-norm Transformer whose token embedding lives in its own width (`d_vocab`) with projections
+to and from `d_model`, tied input/output embeddings, SwiGLU feed-forward layers and RoPE attention
+(reversed by default: the newest token is always at position 0). Its state is a per-layer KV cache
+of un-rotated keys, which serves both decoding and Transformer-XL training: with `cache_len > 0`
+the state is trimmed to the newest `cache_len` positions after every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor, nn
+
+from platform.models.layers.attention import CausalSelfAttention, KVState
+from platform.models.layers.feed_forward import SwiGLU
+from platform.models.output import ModelOutput, ModelState
+
+
+@dataclasses.dataclass
+class LSWTConfig:
+    vocab_size: int = 50272
+    """Number of token ids the embedding holds."""
+    d_vocab: int = 768
+    """Width of the token embedding; projected to d_model on the way in and back on the way out."""
+    d_model: int = 768
+    """Width of the residual stream."""
+    n_layers: int = 12
+    """Number of Transformer blocks."""
+    n_heads: int = 12
+    """Attention heads; head_dim = d_model // n_heads."""
+    d_ff: int = 3072
+    """Feed-forward width after gating (SwiGLU)."""
+    rope_base: float = 500000.0
+    """RoPE base frequency (500k: 'RoPE ABF', as the seed)."""
+    rope_reversed: bool = True
+    """Count positions back from the newest token (reversed RoPE); False gives standard RoPE."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before rotation."""
+    bias: bool = True
+    """Biases in the attention and feed-forward projections."""
+    cache_len: int = 0
+    """Transformer-XL: keep at most this many past positions in the state (0 keeps all, for decoding)."""
+    dropout: float = 0.0
+    """Dropout on each residual branch during training."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every weight matrix and the embedding."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "pick n_heads from the divisors of d_model"
+            )
+        if self.cache_len < 0:
+            raise ValueError(f"model.cache_len={self.cache_len} must be >= 0 (0 keeps the whole past)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LSWTState(ModelState):
+    layers: list[KVState]  # one per block: keys/values (B, H, M, Dh), M <= cache_len when cache_len > 0
+    position: int  # absolute position of the next token (counts every token seen, trimmed or not)
+
+
+class LSWTBlock(nn.Module):
+    """x + Attn(LN(x)), then + SwiGLU(LN(x)): pre-norm with LayerNorm, as the original."""
+
+    def __init__(self, config: LSWTConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.d_model)
+        self.attention = CausalSelfAttention(
+            config.d_model,
+            config.n_heads,
+            bias=config.bias,
+            qk_norm=config.qk_norm,
+            rope_base=config.rope_base,
+            rope_reversed=config.rope_reversed,
+        )
+        self.feed_forward_norm = nn.LayerNorm(config.d_model)
+        self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, state: KVState | None, offset: int) -> tuple[Tensor, KVState]:
+        a, state = self.attention(self.attention_norm(x), state, offset)
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
+        return x, state
+
+
+class LSWT(nn.Module):
+    def __init__(self, config: LSWTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_vocab)
+        self.input_proj = nn.Linear(config.d_vocab, config.d_model, bias=False)
+        self.input_norm = nn.LayerNorm(config.d_model)
+        self.blocks = nn.ModuleList(LSWTBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.d_model)
+        self.output_proj = nn.Linear(config.d_model, config.d_vocab, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """N(0, init_std) for every matrix and the embedding, zero biases, unit norms (the seed's init).
+        Also used after a sharded strategy materialises a meta-device model."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+
+    def forward(self, input_ids: Tensor, state: LSWTState | None = None, *, return_hidden: bool = False) -> ModelOutput:
+        """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
+        offset = 0 if state is None else state.position
+        h = self.input_norm(self.input_proj(self.embed(input_ids)))  # (B, T, D)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, None if state is None else state.layers[i], offset)
+            layers.append(kv.trim(self.config.cache_len) if self.config.cache_len else kv)
+        h = self.norm(h)
+        logits = self.output_proj(h) @ self.embed.weight.T  # (B, T, d_vocab) @ (d_vocab, V) -> (B, T, V)
+        new_state = LSWTState(layers, offset + input_ids.shape[1])
+        return ModelOutput(logits, new_state, {}, h if return_hidden else None)
+
+
+SIZES: dict[str, dict] = {
+    # Trains in seconds on a CPU: the default job and the tests.
+    "debug": dict(vocab_size=512, d_vocab=64, d_model=64, n_layers=2, n_heads=4, d_ff=192, rope_base=10000.0),
+    # The seed's table (Dec-2023 generation): d_ff = 4 * d_model, d_key = 64, a 768-wide OPT vocabulary.
+    "tiny": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),  # 153M
+    "small": dict(d_model=1024, n_layers=18, n_heads=16, d_ff=4096),  # 343M
+    "medium": dict(d_model=1536, n_layers=24, n_heads=24, d_ff=6144),  # 949M
+    "large": dict(d_model=2048, n_layers=36, n_heads=32, d_ff=8192),  # 2.5B
+    "xl": dict(d_model=3072, n_layers=48, n_heads=48, d_ff=12288),  # 7.3B
+    "xxl": dict(d_model=4096, n_layers=48, n_heads=64, d_ff=16384),  # 13B
+}

@@ -1,0 +1,59 @@
+"""The contract every architecture follows: `forward(input_ids, state=None) -> ModelOutput`.
+
+A model takes token ids and an optional state, and returns logits, a *new* state and its named,
+unweighted auxiliary losses. Training, prefill and decoding all go through this one call, so a
+full forward over T tokens equals a prefill of k tokens followed by T - k one-token calls that pass
+the returned state along (STYLE.md 2.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple, Self
+
+import torch
+from torch import Tensor
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    state: Any  # the architecture's ModelState; pass it back in to continue the sequence
+    aux_losses: dict[str, Tensor]  # unweighted, named; their weights are training settings
+    hidden: Tensor | None = None  # (B, T, D) final hidden states, only with return_hidden=True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelState:
+    """Base of every architecture's state: an immutable dataclass of tensors (or lists of them).
+
+    Subclasses only declare fields; `detach`, `to` and `map_tensors` walk them generically, into
+    lists, tuples, dicts and nested states. Integers and other plain values are left as they are.
+    """
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Self:
+        return dataclasses.replace(self, **{f.name: _map(getattr(self, f.name), fn) for f in dataclasses.fields(self)})
+
+    def detach(self) -> Self:
+        """Cut the autograd graph, e.g. between training steps that carry state."""
+        return self.map_tensors(Tensor.detach)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
+        """Move tensors; `dtype` applies to floating-point tensors only (ids and positions keep theirs)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+        return self.map_tensors(move)
+
+
+def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, ModelState):
+        return value.map_tensors(fn)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return value
