@@ -53,3 +53,46 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def builtin_data(tmp_path_factory):
+    """The built-in corpus, prepared once for the whole session."""
+    from platform.data.datamodule import build_builtin_corpus
+
+    path = tmp_path_factory.mktemp("data") / "builtin-bytes"
+    build_builtin_corpus(path)
+    return path
+
+
+def quick_fit_args(run_dir, data_dir, *extra: str, steps: int = 6) -> list[str]:
+    """Arguments that turn configs/tiny.yaml into a run of a few seconds."""
+    return [
+        "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--trainer.default_root_dir", str(run_dir),
+        "--data.data_dir", str(data_dir),
+        "--data.seq_len", "64",
+        "--data.batch_size", "4",
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", "3",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--checkpoint.every_n_train_steps", "3",
+        "--grad_norm.every_n_steps", "1",
+        "--trainer.log_every_n_steps", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, builtin_data):
+    """A run directory with a few steps of the debug LSWT trained on the built-in corpus."""
+    from platform.training.cli import fit
+
+    run_dir = tmp_path_factory.mktemp("runs") / "quick"
+    fit(quick_fit_args(run_dir, builtin_data))
+    return run_dir

@@ -9,6 +9,7 @@ the returned state along (STYLE.md 2.2).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, Self
 
@@ -45,6 +46,36 @@ class ModelState:
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
 
         return self.map_tensors(move)
+
+
+def state_to_tree(value: Any) -> Any:
+    """A state as nested dicts, lists, tensors and numbers, which a weights-only checkpoint load
+    accepts; each state records its class so `state_from_tree` can rebuild it."""
+    if isinstance(value, ModelState):
+        cls = type(value)
+        tree = {f.name: state_to_tree(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__state__": f"{cls.__module__}:{cls.__qualname__}", **tree}
+    if isinstance(value, (list, tuple)):
+        return [state_to_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: state_to_tree(v) for k, v in value.items()}
+    return value
+
+
+def state_from_tree(tree: Any) -> Any:
+    if isinstance(tree, list):
+        return [state_from_tree(v) for v in tree]
+    if isinstance(tree, dict) and "__state__" in tree:
+        module_name, qualname = tree["__state__"].split(":")
+        cls = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        if not (isinstance(cls, type) and issubclass(cls, ModelState)):
+            raise TypeError(f"{tree['__state__']} is not a ModelState; refusing to rebuild it from a checkpoint")
+        return cls(**{k: state_from_tree(v) for k, v in tree.items() if k != "__state__"})
+    if isinstance(tree, dict):
+        return {k: state_from_tree(v) for k, v in tree.items()}
+    return tree
 
 
 def _map(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

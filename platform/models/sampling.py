@@ -60,11 +60,12 @@ def generate(
         raise ValueError(f"prompt_ids must be (B, T) with T >= 1, got shape {tuple(prompt_ids.shape)}")
     out = model(prompt_ids)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample_next(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield token
         if stop_token is not None:
             finished |= token == stop_token
             if finished.all():
                 return
-        out = model(token.unsqueeze(1), state=out.state)  # (B, 1): one token, the state carries the rest
+        if i + 1 < max_new_tokens:
+            out = model(token.unsqueeze(1), state=out.state)  # (B, 1): one token, the state carries the rest

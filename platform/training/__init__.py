@@ -1,0 +1,1 @@
+"""Training: the LightningModule, metrics, losses, optimizers, callbacks and the command line."""

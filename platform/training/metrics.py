@@ -1,0 +1,63 @@
+"""Token-level metrics as torchmetrics `Metric`s with sum states, so DDP sync is exact.
+
+Every state is a sum reduced with `dist_reduce_fx="sum"`: ranks holding different numbers of
+tokens combine into the value one process would compute over all tokens (a mean of per-rank
+perplexities would not). Perplexity reuses the summed NLL the loss already computed instead of a
+second softmax over the logits (the stock metric materialises one, in the logits' dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class Perplexity(Metric):
+    """exp(summed token NLL / token count), accumulated in float64."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: Tensor, count: Tensor) -> None:
+        """nll_sum: summed negative log-likelihood (nats) of `count` non-ignored target tokens."""
+        self.nll_sum += nll_sum.detach().to(torch.float64)
+        self.count += count.detach().to(torch.long)
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.nll_sum / self.count.clamp(min=1)).float()
+
+
+class TokenAccuracy(Metric):
+    """Fraction of non-ignored targets found among the top-k logits (micro average over tokens)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, top_k: int = 1, ignore_index: int = -100, **kwargs):
+        super().__init__(**kwargs)
+        if top_k < 1:
+            raise ValueError(f"TokenAccuracy top_k={top_k} must be >= 1")
+        self.top_k, self.ignore_index = top_k, ignore_index
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        """logits (..., V), targets (...) with `ignore_index` where there is nothing to predict."""
+        logits, targets = logits.detach().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        keep = targets != self.ignore_index
+        logits, targets = logits[keep], targets[keep]
+        k = min(self.top_k, logits.shape[-1])
+        hits = (logits.topk(k, dim=-1).indices == targets.unsqueeze(-1)).any(dim=-1)  # (N,)
+        self.correct += hits.sum()
+        self.total += targets.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()

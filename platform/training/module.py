@@ -1,0 +1,184 @@
+"""`LanguageModelModule`: trains any registered architecture as a causal language model.
+
+One `_shared_step` serves train, validation and test: the model's forward, cross-entropy over the
+non-ignored targets, the model's named aux losses times their configured weights, and token metrics
+(perplexity, accuracy, top-k accuracy) as torchmetrics objects that Lightning syncs and resets. The
+model is built in `configure_model`, so sharded strategies can wrap it before it is materialised.
+With `carry_state`, the model's state is carried from one batch to the next (Transformer-XL memory,
+recurrent state): one state per gradient-accumulation slot, detached between steps, kept in the
+checkpoint so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from platform.models.output import ModelState, state_from_tree, state_to_tree
+from platform.models.registry import config_for, family
+from platform.training.losses import combine_losses, token_nll
+from platform.training.metrics import Perplexity, TokenAccuracy
+from platform.training.optimizers import WarmupCosine, no_weight_decay_names, parameter_groups
+
+STAGES = ("train", "val", "test")
+DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0}
+
+
+class LanguageModelModule(L.LightningModule):
+    def __init__(
+        self,
+        arch: str = "lswt",
+        size: str = "debug",
+        model_config: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
+        aux_loss_weights: dict[str, float] | None = None,
+        ignore_index: int = -100,
+        top_k: int = 5,
+        carry_state: bool = False,
+    ):
+        """
+        Args:
+            arch: Architecture name in the model registry (lswt, seqcond, serriform).
+            size: Named size of that architecture (debug, tiny, ...).
+            model_config: Fields of the architecture's config that override the named size.
+            vocab_size: Vocabulary size; linked from the data, so it is normally not set by hand.
+            optimizer: Optimizer class and its arguments; it receives parameter groups (no weight
+                decay on biases, norms and flagged parameters).
+            scheduler: Learning-rate schedule, stepped every optimizer step.
+            aux_loss_weights: Weight of each named aux loss the model returns (0 logs it only).
+            ignore_index: Target id excluded from the loss and the metrics (padding).
+            top_k: k of the top-k accuracy metric.
+            carry_state: Carry the model's state across batches (needs the "streams" data layout).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        overrides = dict(model_config or {})
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        self.model_config = config_for(arch, size, **overrides)  # fails here, before any training starts
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.aux_loss_weights = {**DEFAULT_AUX_LOSS_WEIGHTS, **(aux_loss_weights or {})}
+        self.model: nn.Module | None = None
+        # One set of metric objects per stage (an attribute each: a ModuleDict key "train" would clash
+        # with Module.train), so Lightning syncs and resets each at the end of its own loop.
+        for stage in STAGES:
+            metrics = {"ppl": Perplexity(), "acc": TokenAccuracy(1, ignore_index)}
+            metrics[f"top{top_k}_acc"] = TokenAccuracy(top_k, ignore_index)
+            setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
+        self._carried: dict[str, ModelState] = {}
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = family(self.hparams.arch).model(self.model_config)
+        self._no_decay = no_weight_decay_names(self.model)
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, **kwargs):
+        return self.model(input_ids, state=state, **kwargs)
+
+    # --- the one step -------------------------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int) -> Tensor:
+        input_ids, targets = batch["input_ids"], batch["targets"]
+        key = self._state_key(stage, batch_idx)
+        state = self._state_for(key, batch) if self.hparams.carry_state else None
+        out = self.model(input_ids, state=state)
+        if self.hparams.carry_state:
+            self._carried[key] = out.state.detach()
+
+        nll_sum, n_tokens = token_nll(out.logits, targets, self.hparams.ignore_index)
+        ce = nll_sum / n_tokens.clamp(min=1)
+        loss = combine_losses(ce, out.aux_losses, self.aux_loss_weights)
+
+        on_step, batch_size = stage == "train", input_ids.shape[0]
+        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        self.log(f"{stage}/ce", ce, **log)
+        for name, value in out.aux_losses.items():
+            self.log(f"{stage}/{name}", value, **log)
+        for name, metric in getattr(self, f"{stage}_metrics").items():
+            args = (nll_sum, n_tokens) if name == "ppl" else (out.logits, targets)
+            if on_step:
+                metric(*args)  # forward() accumulates and keeps this step's value to log
+            else:
+                metric.update(*args)
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=not on_step, prog_bar=name == "ppl")
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test", batch_idx)
+
+    # --- optimizer --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(parameter_groups(self.model.named_parameters(), self._no_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- state carried across batches ----------------------------------------------------------------
+    def _state_key(self, stage: str, batch_idx: int) -> str:
+        """Training keeps one state per gradient-accumulation slot: micro-batch k of every optimizer
+        step continues micro-batch k of the previous one (the data layout keeps row order per slot)."""
+        slot = batch_idx % self.trainer.accumulate_grad_batches if stage == "train" else 0
+        return f"{stage}:{slot}"
+
+    def _state_for(self, key: str, batch: dict[str, Tensor]) -> ModelState | None:
+        state = self._carried.get(key)
+        reset = batch.get("reset")  # (B,) True where a row starts a new stream
+        if state is None or reset is None or not bool(reset.any()):
+            return state
+        if bool(reset.all()):
+            return None
+        if not hasattr(state, "reset_rows"):
+            raise ValueError(f"{type(state).__name__} cannot reset single rows; use data.reset_streams=false")
+        return state.reset_rows(reset)
+
+    def on_validation_epoch_start(self) -> None:
+        self._carried = {k: v for k, v in self._carried.items() if not k.startswith("val:")}
+
+    def on_test_epoch_start(self) -> None:
+        self._carried = {k: v for k, v in self._carried.items() if not k.startswith("test:")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The tokenizer goes into the checkpoint, so generation needs nothing else; so does every rank's
+        carried training state (gathered: it is per rank)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if getattr(datamodule, "tokenizer_spec", None) is not None:
+            checkpoint["tokenizer"] = datamodule.tokenizer_spec
+        if not self.hparams.carry_state:
+            return
+        local = {k: state_to_tree(v.to("cpu")) for k, v in self._carried.items() if k.startswith("train:")}
+        world = self.trainer.world_size
+        gathered = [local]
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, local)
+        checkpoint["carried_state"] = {"world_size": world, "ranks": gathered}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("carried_state")
+        if not self.hparams.carry_state or not saved:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if saved["world_size"] != world:
+            raise ValueError(
+                f"the checkpoint carries model state for {saved['world_size']} ranks but this run has {world}; "
+                "resume with the same number of devices and nodes"
+            )
+        rank = self.global_rank if self._trainer is not None else 0
+        device = self.device
+        self._carried = {k: state_from_tree(v).to(device) for k, v in saved["ranks"][rank].items()}
