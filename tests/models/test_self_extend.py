@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from platform.models import build_model
+from platform.models import self_extend as self_extend_module
 from platform.models.layers.attention import CausalSelfAttention, attention
 from platform.models.layers.banded_attention import banded_attention, causal_window
 from platform.models.layers.rope import query_key_positions, rotate
 from platform.models.self_extend import (
     SelfExtendConfig,
     extension_length,
+    grouped_query_positions,
     merged_distances,
     self_extend_attention,
 )
@@ -67,6 +69,7 @@ def test_extension_length_keeps_every_distance_below_the_pretrained_context():
     assert extension_length(32, 4, 8) == 104
     d = merged_distances(torch.arange(104), torch.arange(104), group_size=4, window_size=8)
     assert d.max().item() == 31
+    assert grouped_query_positions(torch.tensor(103), 4, 8).item() == 31  # the largest rotation position used
     d = merged_distances(torch.arange(105), torch.arange(105), group_size=4, window_size=8)
     assert d.max().item() == 32
     # G = 3 does not divide W = 8: the paper's (32 - 8) * 3 + 8 = 80 would reach 32; ours stops at 78
@@ -75,7 +78,8 @@ def test_extension_length_keeps_every_distance_below_the_pretrained_context():
     assert merged_distances(torch.arange(80), torch.arange(80), group_size=3, window_size=8).max().item() == 32
 
 
-def test_input_beyond_the_extension_length_warns_once(caplog):
+def test_input_beyond_the_extension_length_warns_once(caplog, monkeypatch):
+    monkeypatch.setattr(self_extend_module, "_warned", set())  # "once" is per process; start this test fresh
     q, k, v = qkv(b=1, h=2, hkv=2, t=1, s=105, dh=4)
     kw = dict(group_size=4, window_size=8, pretrained_len=32)
     with caplog.at_level(logging.WARNING, logger="platform.models.self_extend"):

@@ -141,12 +141,12 @@ def _flash_band(q: Tensor, k: Tensor, v: Tensor, lo: int | None, hi: int) -> tup
         return out, lse
     o, l_kept, _ = flash_attn_func(
         q[:, :, T - n_q :].transpose(1, 2),  # (B, n_q, H, Dh): flash-attn's layout
-        k[:, :, :n_k].transpose(1, 2),
-        v[:, :, :n_k].transpose(1, 2),
+        k[:, :, :n_k].transpose(1, 2),  # (B, n_k, Hkv, Dh)
+        v[:, :, :n_k].transpose(1, 2),  # (B, n_k, Hkv, Dh)
         causal=True,
         window_size=(left, 0),
         return_attn_probs=True,  # the lse comes second; the probabilities are unused
     )
-    out[:, :, T - n_q :] = o.transpose(1, 2)
+    out[:, :, T - n_q :] = o.transpose(1, 2)  # (B, H, n_q, Dh)
     lse[:, :, T - n_q :] = l_kept[..., :n_q]  # some flash-attn versions pad the query axis of the lse
     return out, lse
