@@ -39,7 +39,7 @@ class SelfExtendConfig:
     'replacement': one (T, S) score matrix per kind, merged by replacement (the reference)."""
     block_size: int = 256
     """Query and key block of the two-pass torch path (scores take B·H·block_size² numbers): 256 was fastest
-    on CPU; on an H100, 2048-4096 runs 10-15x faster than 256 (benchmarks/self_extend_memory.py)."""
+    on CPU; on an H100 at 8k-32k tokens, 2048 ran 10-25x faster than 256 (benchmarks/self_extend_memory.py)."""
 
     def __post_init__(self) -> None:
         for key in ("group_size", "window_size", "block_size"):
