@@ -4,7 +4,8 @@ A pre-norm Transformer whose token embedding lives in its own width (`d_vocab`) 
 to and from `d_model`, tied input/output embeddings, SwiGLU feed-forward layers and RoPE attention
 (reversed by default: the newest token is always at position 0). Its state is a per-layer KV cache
 of un-rotated keys, which serves both decoding and Transformer-XL training: with `cache_len > 0`
-the state is trimmed to the newest `cache_len` positions after every call.
+the state is trimmed to the newest `cache_len` positions after every call. `self_extend` switches every
+attention layer to SelfExtend (platform/models/self_extend.py) without changing the parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from platform.models.layers.attention import CausalSelfAttention, KVState
 from platform.models.layers.feed_forward import SwiGLU
 from platform.models.output import ModelOutput, ModelState
+from platform.models.self_extend import SelfExtendConfig, as_self_extend_config
 
 
 @dataclasses.dataclass
@@ -46,8 +48,11 @@ class LSWTConfig:
     """Dropout on each residual branch during training."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of every weight matrix and the embedding."""
+    self_extend: SelfExtendConfig | None = None
+    """SelfExtend in every attention layer ({group_size, window_size, ...}); None: plain RoPE attention."""
 
     def __post_init__(self) -> None:
+        self.self_extend = as_self_extend_config(self.self_extend)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
@@ -80,6 +85,7 @@ class LSWTBlock(nn.Module):
             qk_norm=config.qk_norm,
             rope_base=config.rope_base,
             rope_reversed=config.rope_reversed,
+            self_extend=config.self_extend,
         )
         self.feed_forward_norm = nn.LayerNorm(config.d_model)
         self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=config.bias)

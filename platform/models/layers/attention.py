@@ -6,7 +6,9 @@ once. Both scale scores by 1/sqrt(head_dim) and align the causal mask bottom-rig
 follow a cache of keys (S > T) see the whole cache.
 
 `CausalSelfAttention` is shared by every family with RoPE attention. Its state holds keys *before*
-rotation, so they can be re-rotated at any later length (reversed RoPE, SelfExtend).
+rotation, so they can be re-rotated at any later length (reversed RoPE, SelfExtend). With a
+`SelfExtendConfig` it attends through SelfExtend (platform/models/self_extend.py) instead, with the
+same parameters, so a model trained without it runs with it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from platform.models.layers.norm import RMSNorm
-from platform.models.layers.rope import apply_rotary, query_key_positions, rotary_angles
+from platform.models.layers.rope import query_key_positions, rotate
 from platform.models.output import ModelState
+
+if TYPE_CHECKING:
+    from platform.models.self_extend import SelfExtendConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +108,11 @@ class KVState(ModelState):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with RoPE, optional QK-norm and grouped KV heads (GQA)."""
+    """Multi-head causal self-attention with RoPE, optional QK-norm and grouped KV heads (GQA).
+
+    `self_extend` switches the attention to SelfExtend (grouped distances past a neighbour window);
+    it adds no parameters and is usually set at evaluation or generation time.
+    """
 
     def __init__(
         self,
@@ -116,6 +125,7 @@ class CausalSelfAttention(nn.Module):
         rope_base: float = 10000.0,
         rope_reversed: bool = False,
         backend: Backend = "auto",
+        self_extend: SelfExtendConfig | None = None,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -125,6 +135,7 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.rope_base, self.rope_reversed, self.backend = rope_base, rope_reversed, backend
+        self.self_extend = self_extend
         self.query = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
         self.key = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.value = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
@@ -148,9 +159,32 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([state.values, v], dim=2)
         new_state = KVState(k, v)
 
-        q_pos, k_pos = query_key_positions(n_cached, T, offset, reversed=self.rope_reversed, device=x.device)
-        q_rot = apply_rotary(q, *rotary_angles(q_pos, self.head_dim, self.rope_base))
-        k_rot = apply_rotary(k, *rotary_angles(k_pos, self.head_dim, self.rope_base))
-        y = attention(q_rot, k_rot, v, causal=True, backend=self.backend)  # (B, H, T, Dh)
+        if self.self_extend is None:
+            q_pos, k_pos = query_key_positions(n_cached, T, offset, reversed=self.rope_reversed, device=x.device)
+            q_rot, k_rot = rotate(q, q_pos, self.rope_base), rotate(k, k_pos, self.rope_base)
+            y = attention(q_rot, k_rot, v, causal=True, backend=self.backend)  # (B, H, T, Dh)
+        else:
+            y = self._self_extend_attention(q, k, v, key_offset=offset - n_cached)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Dh)
         return self.out(y), new_state
+
+    def _self_extend_attention(self, q: Tensor, k: Tensor, v: Tensor, key_offset: int) -> Tensor:
+        """SelfExtend over un-rotated q (B, H, T, Dh) and the whole key sequence k, v (B, Hkv, S, Dh)."""
+        # imported here: self_extend builds on this module's kernels, so importing it at the top would be circular
+        from platform.models.self_extend import self_extend_attention
+
+        config = self.self_extend
+        return self_extend_attention(
+            q,
+            k,
+            v,
+            group_size=config.group_size,
+            window_size=config.window_size,
+            rope_base=self.rope_base,
+            reversed=self.rope_reversed,
+            key_offset=key_offset,
+            pretrained_len=config.pretrained_len,
+            implementation=config.implementation,
+            block_size=config.block_size,
+            backend=self.backend,
+        )

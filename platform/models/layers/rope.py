@@ -13,30 +13,44 @@ import torch
 from torch import Tensor
 
 
-def inverse_frequencies(head_dim: int, base: float, *, ntk_scale: float = 1.0, device=None) -> Tensor:
-    """w_i = base'^(-2i/d) for i < d/2, with NTK-aware scaling base' = base * s^(d/(d-2)) (fp32)."""
+def inverse_frequencies(
+    head_dim: int, base: float, *, ntk_scale: float = 1.0, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """w_i = base'^(-2i/d) for i < d/2, with NTK-aware scaling base' = base * s^(d/(d-2))."""
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
     if ntk_scale != 1.0:
         base = base * ntk_scale ** (head_dim / (head_dim - 2))
-    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim
     return base ** (-exponent)  # (Dh/2,)
 
 
-def rotary_angles(positions: Tensor, head_dim: int, base: float, *, ntk_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape positions.shape + (head_dim,), in fp32."""
-    inv_freq = inverse_frequencies(head_dim, base, ntk_scale=ntk_scale, device=positions.device)
-    angles = positions.float().unsqueeze(-1) * inv_freq  # (..., Dh/2)
+def rotary_angles(
+    positions: Tensor, head_dim: int, base: float, *, ntk_scale: float = 1.0, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape positions.shape + (head_dim,), in `dtype` (fp32 unless asked for fp64)."""
+    inv_freq = inverse_frequencies(head_dim, base, ntk_scale=ntk_scale, device=positions.device, dtype=dtype)
+    angles = positions.to(dtype).unsqueeze(-1) * inv_freq  # (..., Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., Dh): rotate-half pairs i and i + Dh/2
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (..., T, Dh) by the angles in cos/sin (broadcastable to x), in fp32, cast back."""
-    x32 = x.float()
+    """Rotate x (..., T, Dh) by the angles in cos/sin (broadcastable to x), in fp32 (fp64 when x or the
+    angles are fp64), cast back."""
+    x32 = x.to(torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32))
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
     return (x32 * cos + rotated_half * sin).to(x.dtype)
+
+
+def rotate(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """RoPE at `positions` applied to x (B, H, T, Dh): positions (T,) are shared by the batch, (B, T) are
+    per row. Angles are fp32, or fp64 for an fp64 x (so float64 checks are not limited by the angles)."""
+    cos, sin = rotary_angles(positions, x.shape[-1], base, dtype=torch.promote_types(x.dtype, torch.float32))
+    if positions.ndim == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, Dh): shared by the heads
+    return apply_rotary(x, cos, sin)
 
 
 def query_key_positions(
