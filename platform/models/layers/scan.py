@@ -24,33 +24,46 @@ def linear_scan(u: Tensor, log_a: Tensor, h0: Tensor | None = None, *, chunk_siz
     fp32, or fp64 for fp64 inputs. The last row h[:, -1] is the state to carry into the next call.
     """
     dtype = torch.promote_types(u.dtype, torch.float32)
-    u, log_a = u.to(dtype), log_a.to(dtype)
-    B, T, N = u.shape
-    h0 = u.new_zeros(B, N) if h0 is None else h0.to(dtype)
+    # channels first and time last, so that chunks are contiguous views and the per-channel matmuls
+    # batch over a leading dimension (a batched matmul over a unit batch stride is ~100x slower on CPU)
+    u_NBT = u.to(dtype).permute(2, 0, 1).contiguous()  # (N, B, T)
+    h0_NB = u_NBT.new_zeros(u_NBT.shape[:2]) if h0 is None else h0.to(dtype).t()  # (N, B)
+    h_NBT = _scan(u_NBT, log_a.to(dtype), h0_NB, chunk_size)
+    return h_NBT.permute(1, 2, 0)  # (B, T, N)
+
+
+def _scan(u_NBT: Tensor, log_a: Tensor, h0_NB: Tensor, chunk_size: int) -> Tensor:
+    N, B, T = u_NBT.shape
     if chunk_size >= T:
-        return _within_chunk(u, log_a) + _carry(log_a, T) * h0.unsqueeze(1)
+        return _within_chunk(u_NBT, log_a) + _carry(log_a, T).unsqueeze(1) * h0_NB.unsqueeze(-1)  # (N, B, T)
 
     n_chunks = -(-T // chunk_size)
     # zeros appended after the end cannot reach any earlier step; they are cut off again below
-    u = F.pad(u, (0, 0, 0, n_chunks * chunk_size - T)).view(B, n_chunks, chunk_size, N)  # (B, n, C, N)
-    local = _within_chunk(u, log_a)  # (B, n, C, N): each chunk as if it started from zero
+    u = F.pad(u_NBT, (0, n_chunks * chunk_size - T)).view(N, B, n_chunks, chunk_size)  # (N, B, n, C)
+    local = _within_chunk(u, log_a)  # (N, B, n, C): each chunk as if it started from zero
     # the state at the end of chunk j is a^C * (state at the end of chunk j-1) + local end of chunk j
-    ends = linear_scan(local[:, :, -1], log_a * chunk_size, h0, chunk_size=chunk_size)  # (B, n, N)
-    starts = torch.cat([h0.unsqueeze(1), ends[:, :-1]], dim=1)  # (B, n, N): state entering each chunk
-    h = local + _carry(log_a, chunk_size) * starts.unsqueeze(2)  # (B, n, C, N)
-    return h.view(B, n_chunks * chunk_size, N)[:, :T]
+    ends = _scan(local[..., -1], log_a * chunk_size, h0_NB, chunk_size)  # (N, B, n)
+    starts = torch.cat([h0_NB.unsqueeze(-1), ends[..., :-1]], dim=-1)  # (N, B, n): state entering each chunk
+    h = local + _carry(log_a, chunk_size).view(N, 1, 1, chunk_size) * starts.unsqueeze(-1)  # (N, B, n, C)
+    return h.view(N, B, n_chunks * chunk_size)[..., :T]  # (N, B, T)
 
 
 def _within_chunk(u: Tensor, log_a: Tensor) -> Tensor:
-    """u (..., C, N) -> zero-start states (..., C, N), h_t = sum_{s <= t} a^(t-s) u_s, by one matmul per channel."""
-    steps = torch.arange(u.shape[-2], device=u.device, dtype=u.dtype)
-    lag = (steps.unsqueeze(1) - steps).unsqueeze(-1)  # (C, C, 1): t - s
-    # mask before exp: for s > t the exponent is positive and could overflow
-    decay = torch.where(lag >= 0, lag * log_a, float("-inf")).exp()  # (C, C, N)
-    return torch.einsum("tsn,...sn->...tn", decay, u)  # (..., C, N)
+    """u (N, ..., C) -> zero-start states (N, ..., C), h_t = sum_{s <= t} a^(t-s) u_s: one matmul per channel."""
+    N, C = u.shape[0], u.shape[-1]
+    steps = torch.arange(C, device=u.device, dtype=u.dtype)
+    lag = steps - steps.unsqueeze(1)  # (C, C): [s, t] = t - s
+    decay = _powers(lag.clamp(min=0) * log_a.view(N, 1, 1)).triu()  # (N, C, C): a^(t-s) where s <= t, else 0
+    return torch.bmm(u.reshape(N, -1, C), decay).view(u.shape)  # (N, L, C) @ (N, C, C) -> (N, ..., C)
 
 
 def _carry(log_a: Tensor, length: int) -> Tensor:
-    """(length, N): a^(t+1), the weight of the state entering a chunk at its step t."""
+    """(N, length): a^(t+1), the weight of the state entering a chunk at its step t."""
     steps = torch.arange(1, length + 1, device=log_a.device, dtype=log_a.dtype)
-    return (steps.unsqueeze(1) * log_a).exp()  # (C, N)
+    return _powers(log_a.unsqueeze(1) * steps)  # (N, C)
+
+
+def _powers(exponent: Tensor) -> Tensor:
+    """exp of exponents <= 0, with those below -60 (weights under 1e-26, far below the resolution of
+    a sum that also holds a weight of 1) set to exactly 0: subnormal floats slow CPU matmuls badly."""
+    return torch.where(exponent > -60, exponent, float("-inf")).exp()
