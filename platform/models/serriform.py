@@ -34,8 +34,11 @@ _ALIASES = {"top_k": "top_k_experts"}  # the original code's arch_config name
 
 @dataclasses.dataclass
 class SerriformConfig:
-    """Aux-loss weights (the original's `entropy_weight` and load-balancing weight) are training settings:
-    the model returns "moe_balance" and "router_entropy" unweighted, each the mean over MoE layers."""
+    """SerriformNet's settings, with the original's arch_config and CLI names where it had them.
+
+    Its `entropy_weight` and load-balancing weight are not here: they are training settings (the
+    weights of the unweighted "moe_balance" and "router_entropy" aux losses, each a mean over MoE layers).
+    """
 
     vocab_size: int = 50257
     """Number of token ids (GPT-2's tokenizer by default)."""
@@ -178,7 +181,7 @@ class CausalDilatedConv(nn.Module):
         x = torch.cat([tail, x], dim=1)  # (B, M + T, D)
         y = self.depthwise(x.transpose(1, 2)).transpose(1, 2)  # (B, T, D): M + T - (k-1)*d outputs
         y = ACTIVATIONS[self.activation](self.pointwise(y))
-        return y, x[:, x.shape[1] - self.tail_len :]
+        return y, x[:, x.shape[1] - self.tail_len :].clone()  # a copy: the state must not pin the whole input
 
 
 class SparseRecurrence(nn.Module):
@@ -203,7 +206,7 @@ class SparseRecurrence(nn.Module):
         m = self.beta.shape[0]
         h = linear_scan(x[..., :m] * self.beta, F.logsigmoid(self.alpha_logit), h0)  # (B, T, m)
         y = torch.cat([h.to(x.dtype), x[..., m:]], dim=-1)  # (B, T, D)
-        return y, h[:, -1]
+        return y, h[:, -1].clone()  # a copy: the state must not pin every step's h
 
 
 class GatedFusion(nn.Module):
