@@ -308,6 +308,16 @@ def test_init_weights_reinitialises_a_model_materialised_from_meta():
     assert all(layer.tokens_per_expert.sum() == 0 for _, layer in meta.moe_layers())
 
 
+def test_forward_and_backward_run_under_bf16_autocast():
+    """Mixed dtypes meet in the MoE (bf16 matmuls, fp32 biases and router probabilities)."""
+    model = tiny_model().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens())
+    assert torch.isfinite(out.logits.float()).all()
+    (out.logits.float().mean() + sum(out.aux_losses.values())).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_bf16_model_runs_and_decodes_close_to_its_full_forward():
     """bf16 weights and activations, the recurrence in fp32: step decoding within 5% of the largest logit."""
     model = tiny_model(torch.bfloat16)

@@ -134,8 +134,10 @@ class MoE(nn.Module):
             h_nR = activation(x_nD @ self.down_weight[e] + self.down_bias[e])  # (n, R)
             outputs.append(h_nR @ self.up_weight[e] + self.up_bias[e])  # (n, D)
         out_ND = torch.cat(outputs)  # (N, D)
-        weights_N = routing.weights_TK.flatten()[order_N].to(out_ND.dtype)
-        return x_TD.new_zeros(x_TD.shape).index_add(0, token_N, out_ND * weights_N.unsqueeze(-1))  # (T, D)
+        weighted_ND = out_ND * routing.weights_TK.flatten()[order_N].unsqueeze(-1).to(out_ND.dtype)
+        # accumulate in the experts' dtype (under autocast it can differ from x's), return in x's
+        y_TD = out_ND.new_zeros(x_TD.shape).index_add(0, token_N, weighted_ND)  # (T, D)
+        return y_TD.to(x_TD.dtype)
 
     def extra_repr(self) -> str:
         d_model, rank = self.down_weight.shape[1:]
