@@ -38,8 +38,9 @@ def _scan(u_NBT: Tensor, log_a: Tensor, h0_NB: Tensor, chunk_size: int) -> Tenso
         return _within_chunk(u_NBT, log_a) + _carry(log_a, T).unsqueeze(1) * h0_NB.unsqueeze(-1)  # (N, B, T)
 
     n_chunks = -(-T // chunk_size)
-    # zeros appended after the end cannot reach any earlier step; they are cut off again below
-    u = F.pad(u_NBT, (0, n_chunks * chunk_size - T)).view(N, B, n_chunks, chunk_size)  # (N, B, n, C)
+    if T % chunk_size:  # zeros appended after the end cannot reach any earlier step; cut off again below
+        u_NBT = F.pad(u_NBT, (0, n_chunks * chunk_size - T))
+    u = u_NBT.view(N, B, n_chunks, chunk_size)  # (N, B, n, C)
     local = _within_chunk(u, log_a)  # (N, B, n, C): each chunk as if it started from zero
     # the state at the end of chunk j is a^C * (state at the end of chunk j-1) + local end of chunk j
     ends = _scan(local[..., -1], log_a * chunk_size, h0_NB, chunk_size)  # (N, B, n)
@@ -54,7 +55,9 @@ def _within_chunk(u: Tensor, log_a: Tensor) -> Tensor:
     steps = torch.arange(C, device=u.device, dtype=u.dtype)
     lag = steps - steps.unsqueeze(1)  # (C, C): [s, t] = t - s
     decay = _powers(lag.clamp(min=0) * log_a.view(N, 1, 1)).triu()  # (N, C, C): a^(t-s) where s <= t, else 0
-    return torch.bmm(u.reshape(N, -1, C), decay).view(u.shape)  # (N, L, C) @ (N, C, C) -> (N, ..., C)
+    # contiguous: the chunk ends handed up a level arrive strided, and a strided bmm leaves the BLAS fast path
+    u_NLC = u.reshape(N, -1, C).contiguous()  # (N, L, C), L = every middle index
+    return torch.bmm(u_NLC, decay).view(u.shape)  # (N, L, C) @ (N, C, C) -> (N, ..., C)
 
 
 def _carry(log_a: Tensor, length: int) -> Tensor:
