@@ -35,7 +35,7 @@ def linear_scan(u: Tensor, log_a: Tensor, h0: Tensor | None = None, *, chunk_siz
 def _scan(u_NBT: Tensor, log_a: Tensor, h0_NB: Tensor, chunk_size: int) -> Tensor:
     N, B, T = u_NBT.shape
     n_chunks = -(-T // chunk_size)
-    if n_chunks == 1:
+    if n_chunks <= 1:
         return _within_chunk(u_NBT, log_a) + _carry(log_a, T).unsqueeze(1) * h0_NB.unsqueeze(-1)  # (N, B, T)
 
     if T % chunk_size:  # zeros appended after the end cannot reach any earlier step; cut off again below
