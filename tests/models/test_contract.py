@@ -42,12 +42,14 @@ def test_forward_returns_logits_state_and_named_aux_losses(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_future_tokens_leave_past_logits_unchanged(arch):
+    """float64; unchanged to 1e-12 (a mixture of experts may round a row of a batched matmul differently
+    when later tokens change the matrix height; any real leak is many orders of magnitude larger)."""
     model = debug_model(arch, torch.float64)
     ids = tokens(model, t=24)
     changed = ids.clone()
     changed[:, 12:] = (changed[:, 12:] + 7) % model.config.vocab_size
     a, b = model(ids).logits, model(changed).logits
-    assert torch.equal(a[:, :12], b[:, :12])
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-12)
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 

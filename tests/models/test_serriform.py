@@ -47,13 +47,16 @@ def tokens(b=B, t=T, seed=1):
     "flags", list(itertools.product([True, False], repeat=4)), ids=lambda f: "".join("01"[x] for x in f)
 )
 def test_every_stage_combination_builds_and_is_causal(flags):
-    """float64, perturb t0 = 12 of L = 24 with dilations 1, 2, 4: earlier logits bit-identical."""
+    """float64, perturb t0 = 12 of L = 24 with dilations 1, 2, 4: earlier logits unchanged to 1e-12.
+
+    Not bit-identical: a changed token can change the routing of later tokens, hence the height of an
+    expert's batched matmul, and BLAS may round a row of a taller matrix in the last bit differently."""
     model = tiny_model(torch.float64, **dict(zip(STAGES, flags)))
     ids = tokens()
     changed = ids.clone()
     changed[:, 12] = (changed[:, 12] + 5) % V
     a, b = model(ids).logits, model(changed).logits
-    assert torch.equal(a[:, :12], b[:, :12])
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-12)
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
