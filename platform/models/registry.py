@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from platform.models import lswt
+from platform.models import lswt, seqcond
 
 
 class Family(NamedTuple):
@@ -22,6 +22,7 @@ class Family(NamedTuple):
 
 FAMILIES: dict[str, Family] = {
     "lswt": Family(lswt.LSWTConfig, lswt.LSWT, lswt.SIZES),
+    "seqcond": Family(seqcond.SeqCondConfig, seqcond.SeqCond, seqcond.SIZES),
 }
 
 

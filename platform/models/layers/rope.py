@@ -32,8 +32,8 @@ def rotary_angles(positions: Tensor, head_dim: int, base: float, *, ntk_scale: f
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (..., T, Dh) by the angles in cos/sin (broadcastable to x), in fp32, cast back."""
-    x32 = x.float()
+    """Rotate x (..., T, Dh) by the angles in cos/sin (broadcastable to x), in at least fp32, cast back."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
     return (x32 * cos + rotated_half * sin).to(x.dtype)
