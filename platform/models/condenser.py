@@ -64,7 +64,7 @@ def decayed_prefix_sum(values: Tensor, log_decay: Tensor, initial: Tensor | None
     entering = torch.stack(entering, dim=1)  # (B, n, K, D): the state just before each chunk
     ramp = torch.exp(log_decay * (i[:, None] + 1))  # (C, K): its decay to each position in the chunk
     out = out + ramp[:, :, None] * entering[:, :, None]  # (B, n, C, K, D)
-    return out.view(B, n * C, K, D)[:, :T]
+    return out.reshape(B, n * C, K, D)[:, :T]  # (B, T, K, D)
 
 
 class SequenceCondenser(nn.Module):
