@@ -34,7 +34,7 @@ def condenser(
     # 1-2. projection, causal depthwise conv over the previous kernel - 1 tokens, SiLU
     z = x @ params["in_proj.weight"].T  # (B, T, C)
     if kernel is not None:
-        w = params["conv.weight"][:, 0, :]  # (C, kernel); tap kernel - 1 multiplies the current token
+        w = params["conv_weight"]  # (C, kernel); tap kernel - 1 multiplies the current token
         conv = torch.zeros_like(z)
         for t in range(T):
             for j in range(kernel):
