@@ -58,7 +58,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_models: list[s
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    # One thread by default: on a shared 2-core machine a second OpenMP thread often waits for a busy core
+    # (elementwise ops were measured 10x slower with 2 threads than with 1 there).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0 keeps torch's choice")
 
 
 def setup(args: argparse.Namespace, default_models: list[str]) -> list[ModelSpec]:
@@ -75,7 +77,14 @@ def synchronize(device: str) -> None:
 
 
 def seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Wall-clock seconds of `repeats` calls of fn, after the device has finished earlier work."""
+    """Seconds of `repeats` calls of fn: wall-clock after the GPU has finished earlier work, or on the CPU
+    this process's CPU time, which other processes on a busy machine do not inflate (with one thread it
+    is the compute time itself)."""
+    if not device.startswith("cuda"):
+        start = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return time.process_time() - start
     synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -112,4 +121,4 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def describe_device(device: str, dtype: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} ({dtype}, torch {torch.__version__})"
-    return f"CPU, {torch.get_num_threads()} threads ({dtype}, torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} thread(s), process CPU time ({dtype}, torch {torch.__version__})"

@@ -175,11 +175,12 @@ class SequenceCondenser(nn.Module):
         chunk = T if self.config.use_square_matrix else self.config.chunk_size
         sums = decayed_prefix_sum(values, log_decay, initial, chunk)  # (B, T, K, 2HM + 1)
         re, im, den = sums.split([H * M, H * M, 1], dim=-1)
+        # Copies, so that a state does not keep the whole call's (B, T, ...) tensors alive.
         new_state = CondenserState(
-            conv_tail,
-            den[:, -1, :, 0],
-            re[:, -1].view(B, K, H, M),
-            im[:, -1].view(B, K, H, M),
+            conv_tail.clone(),
+            den[:, -1, :, 0].clone(),
+            re[:, -1].reshape(B, K, H, M).clone(),
+            im[:, -1].reshape(B, K, H, M).clone(),
             start + T,
         )
 

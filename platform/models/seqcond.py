@@ -151,6 +151,12 @@ class SeqCondConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SeqCondState(ModelState):
+    """Per block the condenser's fixed-size state or the attention's keys and values.
+
+    Condenser states count positions per row and can batch rows at different positions; the model's
+    position is one number because its attention states hold one length for every row.
+    """
+
     layers: list[CondenserState | KVState]  # per block: condenser state (O(1) in length) or keys/values (B, H, M, Dh)
     position: int  # absolute position of the next token, shared by the rows (the KV states have one length)
 
@@ -188,6 +194,12 @@ class AttentionBlock(nn.Module):
 
 
 class SeqCond(nn.Module):
+    """Token ids -> logits through the hybrid stack; `forward(input_ids, state)` continues a sequence.
+
+    No token id is special: padding (token 0 in the original's data) is an ordinary token here, so pad
+    on the right and leave pads out of the loss; a left-padded row would let its pads into the sums.
+    """
+
     def __init__(self, config: SeqCondConfig):
         super().__init__()
         self.config = config
@@ -232,7 +244,7 @@ class SeqCond(nn.Module):
                 f"SeqCond input runs past model.max_seq_len={self.config.max_seq_len}: positions keep counting "
                 "and the state keeps growing (nothing is clamped or overwritten), but the model was not trained "
                 "that far",
-                stacklevel=2,
+                stacklevel=1,  # here, whichever torch frames call forward: one warning per process
             )
         h = self.embed(input_ids)  # (B, T, D)
         layers = []

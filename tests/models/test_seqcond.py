@@ -157,6 +157,20 @@ def test_conv_tail_of_a_prefill_shorter_than_the_kernel_is_zero_padded():
     torch.testing.assert_close(out, m(x)[0][:, 2:], rtol=0, atol=1e-12)
 
 
+def test_condenser_state_holds_the_same_bytes_after_20_or_400_tokens():
+    """O(1) decoding state: no field grows with length or keeps a view of the call's tensors alive."""
+    m = mixer()
+
+    def stored_bytes(state: CondenserState) -> int:
+        return sum(getattr(state, f.name).untyped_storage().nbytes() for f in dataclasses.fields(state))
+
+    short = m(inputs(2, 20, m.config.d_model))[1]
+    long = m(inputs(2, 400, m.config.d_model))[1]
+    assert stored_bytes(short) == stored_bytes(long)
+    # B = 2 rows of float64 (conv tail, den, re, im) and int64 (position)
+    assert stored_bytes(long) == 2 * 8 * (3 * sum(m.widths) + m.K + 2 * m.K * m.H * m.M + 1)
+
+
 # --- parameter ranges (§5.6) --------------------------------------------------------------------------
 
 
