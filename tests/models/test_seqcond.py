@@ -265,7 +265,7 @@ def test_running_past_max_seq_len_warns_and_keeps_every_position():
 
 def test_bf16_forward_runs_and_stays_close_to_fp32():
     """bf16 weights and activations, fp32 condenser sums: logits within 5% of the largest fp32 logit
-    (bf16 keeps 8 bits of mantissa; measured about 1%). The states stay fp32."""
+    (bf16 keeps 8 bits of mantissa; measured 1.9%). The states stay fp32."""
     model = seqcond()
     tokens = ids(2, 20)
     reference = model(tokens).logits
