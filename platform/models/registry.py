@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from platform.models import lswt, serriform
+from platform.models import lswt, seqcond, serriform
 
 
 class Family(NamedTuple):
@@ -23,6 +23,7 @@ class Family(NamedTuple):
 FAMILIES: dict[str, Family] = {
     "lswt": Family(lswt.LSWTConfig, lswt.LSWT, lswt.SIZES),
     "serriform": Family(serriform.SerriformConfig, serriform.SerriformNet, serriform.SIZES),
+    "seqcond": Family(seqcond.SeqCondConfig, seqcond.SeqCond, seqcond.SIZES),
 }
 
 

@@ -112,6 +112,9 @@ class CausalSelfAttention(nn.Module):
 
     `self_extend` switches the attention to SelfExtend (grouped distances past a neighbour window);
     it adds no parameters and is usually set at evaluation or generation time.
+
+    QK-norm RMS-normalises each query and key head before rotation, with a learned scale per channel
+    or (qk_norm_affine=False) none.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class CausalSelfAttention(nn.Module):
         *,
         bias: bool = False,
         qk_norm: bool = False,
+        qk_norm_affine: bool = True,
         rope_base: float = 10000.0,
         rope_reversed: bool = False,
         backend: Backend = "auto",
@@ -140,8 +144,10 @@ class CausalSelfAttention(nn.Module):
         self.key = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.value = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        # Without a learned scale (qk_norm_affine=False) the norm commutes with the rotation, which keeps
+        # each head vector's length: normalising before RoPE equals normalising after it (SeqCond, §1.2).
+        self.q_norm = RMSNorm(self.head_dim, elementwise_affine=qk_norm_affine) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, elementwise_affine=qk_norm_affine) if qk_norm else None
 
     def forward(self, x: Tensor, state: KVState | None = None, offset: int = 0) -> tuple[Tensor, KVState]:
         """x (B, T, D); `offset` is the absolute position of x's first token. Returns the output and

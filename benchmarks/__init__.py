@@ -1,0 +1,1 @@
+"""Speed measurements, run as `python -m benchmarks.<name>` from the repository root; never asserted in tests."""

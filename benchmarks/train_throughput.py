@@ -1,0 +1,96 @@
+"""Training throughput: tokens/s of forward + backward + AdamW step (plain torch, no Lightning) per length.
+
+    python -m benchmarks.train_throughput [--model LABEL=ARCH:SIZE[:K=V,...]]... [--lengths 512 1024 ...]
+        [--device cpu|cuda] [--dtype fp32|bf16] [--batch-size 1] [--steps 3] [--threads N]
+
+Prints markdown tables: parameters, tokens/s with the ratio to the first (baseline) model, the per-token
+time at each length relative to the shortest (near 1 for a model whose cost is linear in length) and, on
+CUDA, the memory a step allocates. The models take turns at each length and the fastest of `--steps`
+steps counts, so a busy machine slows every model alike. The defaults (about 3.8M parameters each:
+4 layers of width 256, a 4096-token vocabulary) take a few minutes on 2 CPU cores; pass larger models
+with --device cuda.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (
+    DTYPES,
+    add_common_arguments,
+    describe_device,
+    growth_rows,
+    markdown_table,
+    parameter_table,
+    ratio_rows,
+    seconds,
+    setup,
+)
+from platform.models import count_parameters
+
+WIDTH = "vocab_size=4096,d_model=256,n_layers=4,n_heads=4"
+DEFAULT_MODELS = [
+    # LSWT's feed-forward is narrowed to 2 * d_model so that both models hold 3.8M parameters.
+    f"lswt=lswt:debug:{WIDTH},d_vocab=256,d_ff=512,rope_base=10000.0",
+    f"seqcond=seqcond:debug:{WIDTH},d_ff=768,num_kv_heads=4,seqcond_ratio=3,seqcond_heads=8,num_query_heads=4,"
+    "num_thetas=2,max_seq_len=8192",
+]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
+    out = model(tokens[:, :-1])
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    loss = loss + sum(out.aux_losses.values(), torch.zeros((), device=loss.device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser, DEFAULT_MODELS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model and length (the fastest counts)")
+    args = parser.parse_args(argv)
+    specs = setup(args, DEFAULT_MODELS)
+    dtype, cuda = DTYPES[args.dtype], args.device.startswith("cuda")
+
+    models = [spec.build(args.device, dtype).train() for spec in specs]
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-4) for model in models]
+    best, step_gib = {}, {}  # (label, length) -> fastest step in seconds, GiB allocated by a step
+    for length in args.lengths:
+        tokens = torch.randint(0, models[0].config.vocab_size, (args.batch_size, length + 1), device=args.device)
+        for spec, model, optimizer in zip(specs, models, optimizers):
+            resting = torch.cuda.memory_allocated() if cuda else 0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            train_step(model, optimizer, tokens)  # warm-up: allocations, kernel choices, optimizer state
+            step_gib[spec.label, length] = (torch.cuda.max_memory_allocated() - resting) / 2**30 if cuda else 0.0
+        # Models take turns, and each keeps its fastest step: a busy machine slows all of them alike.
+        for _ in range(args.steps):
+            for spec, model, optimizer in zip(specs, models, optimizers):
+                step = seconds(partial(train_step, model, optimizer, tokens), args.device, 1)
+                best[spec.label, length] = min(step, best.get((spec.label, length), float("inf")))
+    per_second = {(label, n): args.batch_size * n / t for (label, n), t in best.items()}
+    counts = [count_parameters(model) for model in models]
+
+    print(f"## Training throughput on {describe_device(args.device, args.dtype)}, batch {args.batch_size}\n")
+    print(parameter_table(specs, counts) + "\n")
+    labels, columns = [spec.label for spec in specs], ["model"] + [f"T={n}" for n in args.lengths]
+    print("tokens/s (ratio to the baseline)\n")
+    print(markdown_table(columns, ratio_rows(labels, args.lengths, per_second, ",.0f")) + "\n")
+    per_token = {key: 1 / value for key, value in per_second.items()}
+    print(f"per-token time relative to T={args.lengths[0]}\n")
+    print(markdown_table(columns, growth_rows(labels, args.lengths, per_token)))
+    if cuda:
+        print("\nGPU memory a training step allocates beyond weights, GiB (ratio to the baseline)\n")
+        print(markdown_table(columns, ratio_rows(labels, args.lengths, step_gib, ".2f")))
+
+
+if __name__ == "__main__":
+    main()
