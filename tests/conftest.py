@@ -65,10 +65,10 @@ def builtin_data(tmp_path_factory):
     return path
 
 
-def quick_fit_args(run_dir, data_dir, *extra: str, steps: int = 6) -> list[str]:
-    """Arguments that turn configs/tiny.yaml into a run of a few seconds."""
+def quick_fit_args(run_dir, data_dir, *extra: str, steps: int = 6, config: str = "configs/tiny.yaml") -> list[str]:
+    """Arguments that turn a config (the default job unless given) into a run of a few seconds."""
     return [
-        "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--config", str(REPO / config),
         "--trainer.default_root_dir", str(run_dir),
         "--data.data_dir", str(data_dir),
         "--data.seq_len", "64",

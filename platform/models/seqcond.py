@@ -18,6 +18,7 @@ from platform.models.layers.attention import CausalSelfAttention, KVState
 from platform.models.layers.feed_forward import SwiGLU
 from platform.models.layers.norm import RMSNorm
 from platform.models.output import ModelOutput, ModelState
+from platform.models.self_extend import SelfExtendConfig, as_self_extend_config
 
 # The seed README's factory names for the project's common ones; either may be given, the seed name wins.
 SEED_NAMES = {"num_layers": "n_layers", "num_heads": "n_heads", "maxlen": "max_seq_len"}
@@ -69,6 +70,8 @@ class SeqCondConfig:
     """Use the token embedding as the LM head."""
     dropout: float = 0.0
     """Dropout on each residual branch during training."""
+    self_extend: SelfExtendConfig | None = None
+    """SelfExtend in the Transformer blocks' attention ({group_size, window_size, ...}); None: plain RoPE."""
     num_layers: int | None = None
     """Seed name of n_layers; when given it sets n_layers."""
     num_heads: int | None = None
@@ -77,6 +80,7 @@ class SeqCondConfig:
     """Seed name of max_seq_len; when given it sets max_seq_len."""
 
     def __post_init__(self) -> None:
+        self.self_extend = as_self_extend_config(self.self_extend)
         for seed_name, name in SEED_NAMES.items():
             if getattr(self, seed_name) is not None:
                 setattr(self, name, getattr(self, seed_name))
@@ -181,7 +185,12 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.attention_norm = RMSNorm(config.d_model)
         self.attention = CausalSelfAttention(
-            config.d_model, config.n_heads, config.kv_heads, qk_norm=config.qk_norm, qk_norm_affine=False
+            config.d_model,
+            config.n_heads,
+            config.kv_heads,
+            qk_norm=config.qk_norm,
+            qk_norm_affine=False,
+            self_extend=config.self_extend,
         )
         self.feed_forward_norm = RMSNorm(config.d_model)
         self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=True)

@@ -79,6 +79,7 @@ class PlatformCLI(LightningCLI):
                 "checkpoint.save_top_k": 3,
                 "checkpoint.filename": "step-{step:07d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,  # one run per directory: last.ckpt is the newest
             }
         )
         parser.add_lightning_class_args(GradNormMonitor, "grad_norm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from torch import nn
 from platform.data.tokenizer import Tokenizer, load_tokenizer
 from platform.models.registry import build_model
 from platform.models.sampling import generate
+from platform.models.self_extend import SelfExtendConfig, as_self_extend_config
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -28,12 +30,21 @@ def checkpoint_file(path: str | Path) -> Path:
 
 def load_model(path: str | Path, *, device: str = "cpu", **overrides: Any) -> tuple[nn.Module, Tokenizer]:
     """Rebuild the model a checkpoint was trained with, load its weights, and its tokenizer.
-    `overrides` replace model config fields (e.g. inference-only options)."""
+
+    `overrides` replace model config fields with inference-only options, e.g. `self_extend`; a SelfExtend
+    config without `pretrained_len` gets the trained context (the data's seq_len plus any XL cache), so
+    it can warn when a prompt grows past what SelfExtend covers.
+    """
     ckpt = torch.load(checkpoint_file(path), map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     config = {**(hp.get("model_config") or {}), **overrides}
     if hp.get("vocab_size") is not None:
         config["vocab_size"] = hp["vocab_size"]
+    self_extend = as_self_extend_config(config.get("self_extend"))
+    trained_len = (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len")
+    if self_extend is not None and self_extend.pretrained_len is None and trained_len is not None:
+        trained_len += config.get("cache_len", 0) or 0
+        config["self_extend"] = dataclasses.replace(self_extend, pretrained_len=trained_len)
     model = build_model(hp["arch"], hp["size"], **config)
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(weights)
@@ -57,6 +68,7 @@ def generate_text(
     seed: int = 1234,
     device: str = "cpu",
     stop_at_end_of_text: bool = True,
+    self_extend: SelfExtendConfig | None = None,
 ) -> str:
     """Stream a continuation of `prompt` to stdout and return it.
 
@@ -70,8 +82,11 @@ def generate_text(
         seed: Seed of the sampler: equal seeds give equal text.
         device: Where to run the model (cpu, cuda).
         stop_at_end_of_text: Stop when the model ends the document.
+        self_extend: Extend the context of the model's RoPE attention without training (SelfExtend):
+            e.g. --self_extend.group_size 4 --self_extend.window_size 64.
     """
-    model, tokenizer = load_model(checkpoint, device=device)
+    overrides = {} if self_extend is None else {"self_extend": self_extend}
+    model, tokenizer = load_model(checkpoint, device=device, **overrides)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("--prompt is empty; give at least one character")

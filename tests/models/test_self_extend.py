@@ -302,21 +302,29 @@ def test_lswt_config_accepts_a_dict_and_names_bad_keys():
 
 
 def lswt_pair(dtype=torch.float32, **overrides):
-    """The debug LSWT without and with SelfExtend, same weights."""
-    torch.manual_seed(0)
-    plain = build_model("lswt", "debug", **overrides).to(dtype).eval()
-    extended = build_model("lswt", "debug", self_extend={"group_size": 2, "window_size": 8}, **overrides)
-    extended.load_state_dict(plain.state_dict(), strict=True)  # no new parameters or buffers
-    return plain, extended.to(dtype).eval()
+    return model_pair("lswt", dtype, **overrides)
 
 
 def lswt_ids(t, seed=1):
     return torch.randint(0, 512, (2, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("rope_reversed", [True, False], ids=["reversed", "standard"])
-def test_lswt_with_self_extend_inside_the_window_gives_identical_logits(rope_reversed):
-    plain, extended = lswt_pair(rope_reversed=rope_reversed)
+def model_pair(arch, dtype=torch.float32, **overrides):
+    """A debug model of `arch` without and with SelfExtend, same weights."""
+    torch.manual_seed(0)
+    plain = build_model(arch, "debug", **overrides).to(dtype).eval()
+    extended = build_model(arch, "debug", self_extend={"group_size": 2, "window_size": 8}, **overrides)
+    extended.load_state_dict(plain.state_dict(), strict=True)  # no new parameters or buffers
+    return plain, extended.to(dtype).eval()
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [("lswt", {"rope_reversed": True}), ("lswt", {"rope_reversed": False}), ("seqcond", {})],
+    ids=["lswt-reversed", "lswt-standard", "seqcond"],
+)
+def test_self_extend_inside_the_window_gives_identical_logits(arch, overrides):
+    plain, extended = model_pair(arch, **overrides)
     ids = lswt_ids(8)
     assert torch.equal(extended(ids).logits, plain(ids).logits)
     a, b = plain(ids[:, :5]), extended(ids[:, :5])
@@ -324,12 +332,13 @@ def test_lswt_with_self_extend_inside_the_window_gives_identical_logits(rope_rev
     assert set(extended.state_dict()) == set(plain.state_dict())
 
 
+@pytest.mark.parametrize("arch", ["lswt", "seqcond"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("prefill", [1, 9])
-def test_lswt_with_self_extend_decoding_matches_full_forward(prefill, implementation):
+def test_self_extend_decoding_matches_full_forward(prefill, implementation, arch):
     """fp32; tolerance 1e-5 of the largest logit, as the model contract."""
     torch.manual_seed(0)
-    model = build_model("lswt", "debug", self_extend=dict(group_size=3, window_size=4, implementation=implementation))
+    model = build_model(arch, "debug", self_extend=dict(group_size=3, window_size=4, implementation=implementation))
     model.eval()
     ids = lswt_ids(21)
     full = model(ids).logits
@@ -349,8 +358,9 @@ def test_lswt_self_extend_changes_only_the_logits_past_the_window():
     assert max_diff(a[:, 8:], b[:, 8:]) > 1e-3 * a.abs().max().item()
 
 
-def test_lswt_with_self_extend_is_causal():
-    _, model = lswt_pair(torch.float64)
+@pytest.mark.parametrize("arch", ["lswt", "seqcond"])
+def test_self_extend_model_is_causal(arch):
+    _, model = model_pair(arch, torch.float64)
     ids = lswt_ids(24)
     changed = ids.clone()
     changed[:, 12:] = (changed[:, 12:] + 7) % 512
