@@ -89,7 +89,7 @@ class ShardWriter:
         if self.with_mask:
             if mask is None or len(mask) != len(ids):
                 raise ValueError(f"split '{self.split}' has answer masks: every document needs one of its length")
-            self.masks.append(np.append(np.asarray(mask, dtype=np.uint8), 0))
+            self.masks.append(np.append(np.asarray(mask), 0).astype(np.uint8))
         self.max_id = max(self.max_id, int(ids.max()) if ids.size else 0, self.eot_id)
         self.pending += ids.size + 1
         self.documents += 1

@@ -96,14 +96,16 @@ class PasskeyTask(SyntheticTask):
         key = str(rng.integers(10 ** (self.key_digits - 1), 10**self.key_digits))
         intro, needle, question, answer = self.pieces(tokenizer, key)
         n_filler = self.length - 1 - len(intro) - len(needle) - len(question) - len(answer)
+        if n_filler < 0:
+            raise ValueError(f"task.length={self.length} is shorter than the passkey prompt of example {i}; raise it")
         sentences = [tokenizer.encode(" " + s) for s in FILLER]
-        filler, starts = [], []  # filler tokens, and where each sentence starts (the key goes between sentences)
+        filler, bounds = [], [0]  # filler tokens, and the sentence boundaries where the key may go
         while len(filler) < n_filler:
-            starts.append(len(filler))
-            filler += sentences[len(starts) % len(sentences)]
+            filler += sentences[(len(bounds) - 1) % len(sentences)]
+            bounds.append(min(len(filler), n_filler))
         filler = filler[:n_filler]
         depth = self.depths[i % len(self.depths)] if self.depths else rng.random()
-        cut = min([*starts, n_filler], key=lambda s: abs(s - depth * n_filler))
+        cut = min(bounds, key=lambda b: abs(b - depth * n_filler))  # nearest boundary to the depth
         ids = intro + filler[:cut] + needle + filler[cut:] + question + answer
         return ids, [0] * (len(ids) - len(answer)) + [1] * len(answer)
 
