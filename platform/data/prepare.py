@@ -35,7 +35,7 @@ CHUNK_CHARS = 1 << 20  # documents are sent to tokenizer processes in chunks of 
 
 def prepare(
     output: str,
-    inputs: list[str] | None = None,
+    inputs: str | list[str] | None = None,
     builtin: bool = False,
     task: PasskeyTask | MQARTask | CopyTask | None = None,
     tokenizer: str = "bytes",
@@ -71,6 +71,7 @@ def prepare(
         overwrite: Replace an existing prepared directory at `output`.
         progress: Show a progress bar with tokens/s.
     """
+    inputs = [inputs] if isinstance(inputs, str) else inputs
     n_sources = bool(inputs) + bool(builtin) + (task is not None)
     if n_sources != 1:
         raise ValueError(f"give exactly one source: --inputs, --builtin true or --task (got {n_sources})")
@@ -225,4 +226,4 @@ def prepare_from_config(config: str, **overrides: Any) -> dict[str, Any]:
 def prepare_cli(args: list[str] | None = None) -> dict[str, Any]:
     from jsonargparse import CLI
 
-    return CLI(prepare, args=args, as_positional=False)
+    return CLI(prepare, args=args, as_positional=False, exit_on_error=False)
