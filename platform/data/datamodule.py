@@ -76,7 +76,9 @@ class BlockBatches(IterableDataset):
         if answers is not None:
             batch["answer_mask"] = torch.from_numpy(answers[:, 1:].copy())  # (B, T) marks on targets
         if isinstance(layout, Streams):
-            doc_start = [s == 0 or int(stream.tokens(s - 1, s)[0]) == stream.eot_id for s in starts.tolist()]
+            doc_start = [
+                int(stream.tokens(s - 1, s)[0]) == stream.eot_id for s in starts.tolist()
+            ]  # splits end with EOT
             batch["doc_start"] = torch.tensor(doc_start)
             reset = torch.full_like(batch["doc_start"], layout.is_epoch_start(index))
             batch["reset"] = reset | batch["doc_start"] if self.reset_at_document else reset
@@ -113,10 +115,10 @@ class ResumableLoader(DataLoader):
         """What fixes the batch sequence; a checkpoint's position is only meaningful with the same values."""
         layout = self.dataset.layout
         g = layout.geometry
-        shape = {"layout": layout.name, "world_size": g.world_size, "batch_size": g.batch_size,
-                 "seq_len": g.seq_len, "seed": layout.seed, "n_units": layout.n_units}  # fmt: skip
+        shape = {"layout": layout.name, "world_size": g.world_size, "batch_size": g.batch_size, "seq_len": g.seq_len}
         if isinstance(layout, Streams):
             shape["accumulate_grad_batches"] = g.accumulate
+        shape.update(seed=layout.seed, tokens=layout.stream.n_tokens)  # the same data: its size and order
         return shape
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,10 +10,11 @@ any number of DataLoader workers and a resumed loader only needs (epoch, batches
   Global batch g takes blocks order[g·W·B : (g+1)·W·B]; rank r reads rows r·B ... (r+1)·B of it.
 - "documents": the same, with one whole document per row from its first token (padded), for synthetic
   tasks and evaluation sets whose examples must start at row 0.
-- "streams": the split is cut into S = W·A·B contiguous stretches, one per stream; stream (r, a, b) is row
-  b of accumulation slot a on rank r, so row b of batch n continues row b of batch n − A on the same rank
-  (the training module keeps one carried state per slot). Which stretch a stream reads is shuffled by
-  (seed, epoch); every stream starts over at each epoch (its rows are flagged `reset`).
+- "streams": the split, read as a circle from a point drawn by (seed, epoch), is cut into S = W·A·B
+  contiguous stretches, one per stream; stream (r, a, b) is row b of accumulation slot a on rank r, so
+  row b of batch n continues row b of batch n − A on the same rank (the training module keeps one
+  carried state per slot). Which stretch a stream reads is shuffled by (seed, epoch) too; every stream
+  starts over at each epoch (its rows are flagged `reset`).
 All three drop the remainder that does not fill a whole global batch; ranks never share a row.
 """
 
@@ -56,6 +57,13 @@ class TokenStream:
                            zip(self.mask_files, self.files)]  # fmt: skip
 
     def _read(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        """Tokens start ... stop, on a circle: past the end the split starts over (streams wrap around)."""
+        start, n = start % self.n_tokens, stop - start
+        if start + n > self.n_tokens:
+            return np.concatenate(
+                [self._read(arrays, start, self.n_tokens), self._read(arrays, 0, start + n - self.n_tokens)]
+            )
+        stop = start + n
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         pieces, i = [], first
         while start < stop:  # a stretch may run across shard boundaries
@@ -161,8 +169,13 @@ class Streams(Layout):
         g = self.geometry
         slot, segment = index % g.accumulate, index // g.accumulate
         streams = (g.rank * g.accumulate + slot) * g.batch_size + np.arange(g.batch_size)  # (B,)
-        starts = self.order(epoch)[streams] * self.stretch + segment * g.seq_len
+        starts = self.order(epoch)[streams] * self.stretch + segment * g.seq_len + self.shift(epoch)
         return starts, starts + g.seq_len + 1
+
+    def shift(self, epoch: int) -> int:
+        """Where stream 0 starts this epoch: a random point of the split, read as a circle, so even a
+        single stream reads other segments in every epoch."""
+        return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.stream.n_tokens)) if self.shuffle else 0
 
     def is_epoch_start(self, index: int) -> bool:
         """The first segment of every stream: the state carried from the previous epoch must go."""
