@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from platform.data.layouts import Documents, Geometry, Layout, Streams, TokenStream, make_layout
+from platform.data.layouts import LAYOUTS, Documents, Geometry, Layout, Streams, TokenStream, make_layout
 from platform.data.shards import INDEX, TokenShards
 from platform.data.tokenizer import ByteTokenizer
 
@@ -76,10 +76,10 @@ class BlockBatches(IterableDataset):
         if answers is not None:
             batch["answer_mask"] = torch.from_numpy(answers[:, 1:].copy())  # (B, T) marks on targets
         if isinstance(layout, Streams):
-            doc_start = [
-                int(stream.tokens(s - 1, s)[0]) == stream.eot_id for s in starts.tolist()
-            ]  # splits end with EOT
-            batch["doc_start"] = torch.tensor(doc_start)
+            # A segment starts a document when the token before it ends one; every split ends with the
+            # end-of-text id, so this holds at position 0 too (streams read the split as a circle).
+            before = [int(stream.tokens(s - 1, s)[0]) for s in starts.tolist()]
+            batch["doc_start"] = torch.tensor(before) == stream.eot_id
             reset = torch.full_like(batch["doc_start"], layout.is_epoch_start(index))
             batch["reset"] = reset | batch["doc_start"] if self.reset_at_document else reset
         return batch
@@ -133,8 +133,11 @@ class ResumableLoader(DataLoader):
                     "accumulation and number of ranks (the worker count may change)"
                 )
         if state.get("num_workers", self.num_workers) != self.num_workers:
-            log.info("data: resuming with %d workers instead of %d; the batch order does not depend on them",
-                     self.num_workers, state["num_workers"])  # fmt: skip
+            log.info(
+                "data: resuming with %d workers instead of %d; the batch order does not depend on them",
+                self.num_workers,
+                state["num_workers"],
+            )
         self.epoch, self.consumed = state["epoch"], state["consumed"]
 
 
@@ -174,6 +177,8 @@ class TokenDataModule(L.LightningDataModule):
                 f"data.seq_len={seq_len}, data.batch_size={batch_size} must be >= 1 and "
                 f"data.num_workers={num_workers} >= 0"
             )
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout={layout!r} is not a layout; choose one of: {', '.join(LAYOUTS)}")
         if source not in (None, "builtin") and not Path(source).is_file():
             raise FileNotFoundError(f"data.source '{source}' is neither 'builtin' nor a prepare config file")
         self.shards: TokenShards | None = None
@@ -221,8 +226,12 @@ class TokenDataModule(L.LightningDataModule):
         split_info = shards.split(split)
         files = [(str(a.filename), a.shape[0]) for a in shards.arrays(split)]
         masks = shards.masks(split)
-        stream = TokenStream(files, shards.index["dtype"], masks and [str(m.filename) for m in masks],
-                             shards.index["tokenizer"]["eot_id"])  # fmt: skip
+        stream = TokenStream(
+            files,
+            shards.index["dtype"],
+            masks and [str(m.filename) for m in masks],
+            shards.index["tokenizer"]["eot_id"],
+        )
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         geometry = Geometry(h.seq_len, h.batch_size, world, rank, accumulate)
         layout = make_layout(h.layout, stream, geometry, seed=h.seed, shuffle=shuffle)

@@ -53,8 +53,9 @@ class TokenStream:
     def _open(self) -> None:
         self._tokens = [np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)) for path, n in self.files]
         if self.mask_files is not None:
-            self._masks = [np.memmap(p, dtype=np.uint8, mode="r", shape=(n,)) for p, (_, n) in
-                           zip(self.mask_files, self.files)]  # fmt: skip
+            self._masks = [
+                np.memmap(p, dtype=np.uint8, mode="r", shape=(n,)) for p, (_, n) in zip(self.mask_files, self.files)
+            ]
 
     def _read(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
         """Tokens start ... stop, on a circle: past the end the split starts over (streams wrap around)."""
@@ -96,12 +97,11 @@ class Layout:
     """Rows of one rank's batches for one epoch: `rows(epoch, index)` -> (starts (B,), stops (B,))."""
 
     name: str
+    n_units: int  # blocks, documents or streams that the epoch permutes
 
     def __init__(self, stream: TokenStream, geometry: Geometry, *, seed: int, shuffle: bool):
         self.stream, self.geometry, self.seed, self.shuffle = stream, geometry, seed, shuffle
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), cached: it is the costly part
-
-    n_units: int  # blocks, documents or streams that the epoch permutes
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:

@@ -92,21 +92,36 @@ def prepare(
                     f"{source['kind']} source holds {n} document(s), too few for a train and a validation split; "
                     "add documents or set --text_unit paragraph"
                 )
-            write_index(tmp, tokenizer=tok.describe(), splits=splits, dtype=token_dtype(tok.vocab_size),
-                        extra={"source": source, "val_fraction": val_fraction})  # fmt: skip
+            write_index(
+                tmp,
+                tokenizer=tok.describe(),
+                splits=splits,
+                dtype=token_dtype(tok.vocab_size),
+                extra={"source": source, "val_fraction": val_fraction},
+            )
     tokens = sum(s["tokens"] for s in splits.values())
     seconds = time.perf_counter() - started
-    log.info("prepared %s: %d train + %d val tokens, vocab %d, in %.1f s (%.0f tokens/s)", out,
-             splits["train"]["tokens"], splits["val"]["tokens"], tok.vocab_size, seconds, tokens / seconds)  # fmt: skip
+    log.info(
+        "prepared %s: %d train + %d val tokens, vocab %d, in %.1f s (%.0f tokens/s)",
+        out,
+        splits["train"]["tokens"],
+        splits["val"]["tokens"],
+        tok.vocab_size,
+        seconds,
+        tokens / seconds,
+    )
     return splits
 
 
-def write_splits(tmp: Path, documents, task, tok: Tokenizer, val_fraction: float, num_proc: int,
-                 shard_tokens: int, progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+def write_splits(
+    tmp: Path, documents, task, tok: Tokenizer, val_fraction: float, num_proc: int, shard_tokens: int, progress: bool
+) -> dict[str, dict[str, Any]]:
     """Tokenize the documents (or generate the task's examples) into the train and val shards of `tmp`."""
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(tmp, s, eot_id=tok.eot_id, dtype=dtype, with_mask=task is not None,
-                              shard_tokens=shard_tokens) for s in ("train", "val")}  # fmt: skip
+    writers = {
+        s: ShardWriter(tmp, s, eot_id=tok.eot_id, dtype=dtype, with_mask=task is not None, shard_tokens=shard_tokens)
+        for s in ("train", "val")
+    }
     bar = tqdm(unit="tok", unit_scale=True, desc="tokens", disable=not progress, smoothing=0.1)
     if task is not None:
         for split, writer in writers.items():
@@ -143,8 +158,9 @@ def document_source(inputs, builtin, task, text_field, text_unit, cache) -> tupl
     return (lambda: read_documents(files, text_field=text_field, text_unit=text_unit, cache_dir=cache)), source
 
 
-def make_tokenizer(name: str, bpe_vocab_size: int, eot_token: str | None,
-                   documents: Callable[[], Iterator[str]], val_fraction: float) -> Tokenizer:  # fmt: skip
+def make_tokenizer(
+    name: str, bpe_vocab_size: int, eot_token: str | None, documents: Callable[[], Iterator[str]], val_fraction: float
+) -> Tokenizer:
     if name == "bytes":
         return ByteTokenizer()
     if name == "bpe":

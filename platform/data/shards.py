@@ -74,8 +74,16 @@ class ShardWriter:
     never an answer). A document is never split across shards.
     """
 
-    def __init__(self, directory: Path, split: str, *, eot_id: int, dtype: np.dtype, with_mask: bool = False,
-                 shard_tokens: int = 1 << 26):  # fmt: skip
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        *,
+        eot_id: int,
+        dtype: np.dtype,
+        with_mask: bool = False,
+        shard_tokens: int = 1 << 26,
+    ):
         self.directory, self.split, self.eot_id, self.dtype = directory, split, eot_id, dtype
         self.with_mask, self.shard_tokens = with_mask, shard_tokens
         self.shards: list[dict[str, Any]] = []
@@ -113,12 +121,24 @@ class ShardWriter:
         """Write what is left; the split's entry of the index."""
         self.flush()
         tokens = sum(s["tokens"] for s in self.shards)
-        return {"tokens": tokens, "documents": self.documents, "max_id": self.max_id,
-                "answer_mask": self.with_mask, "shards": self.shards}  # fmt: skip
+        return {
+            "tokens": tokens,
+            "documents": self.documents,
+            "max_id": self.max_id,
+            "answer_mask": self.with_mask,
+            "shards": self.shards,
+        }
 
 
-def write_split(directory: Path, split: str, documents: Iterable[list[int]], *, eot_id: int, dtype: np.dtype,
-                shard_tokens: int = 1 << 26) -> dict[str, Any]:  # fmt: skip
+def write_split(
+    directory: Path,
+    split: str,
+    documents: Iterable[list[int]],
+    *,
+    eot_id: int,
+    dtype: np.dtype,
+    shard_tokens: int = 1 << 26,
+) -> dict[str, Any]:
     """Write one split's documents (each followed by `eot_id`) into shards of about `shard_tokens` ids."""
     writer = ShardWriter(directory, split, eot_id=eot_id, dtype=dtype, shard_tokens=shard_tokens)
     for ids in documents:
@@ -126,8 +146,14 @@ def write_split(directory: Path, split: str, documents: Iterable[list[int]], *, 
     return writer.close()
 
 
-def write_index(directory: Path, *, tokenizer: dict[str, Any], splits: dict[str, dict[str, Any]],
-                dtype: np.dtype, extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+def write_index(
+    directory: Path,
+    *,
+    tokenizer: dict[str, Any],
+    splits: dict[str, dict[str, Any]],
+    dtype: np.dtype,
+    extra: dict[str, Any] | None = None,
+) -> None:
     index = {
         "format": FORMAT,
         "dtype": dtype.name,

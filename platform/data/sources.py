@@ -33,10 +33,12 @@ def find_files(inputs: list[str]) -> list[Path]:
             matches = [path]
         elif path.is_dir():
             matches = [
-                p for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 and (p.suffix.lower() in TEXT_SUFFIXES or file_format(p) != "text")
-            ]  # fmt: skip
+            ]
         else:
             matches = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file()]
         if not matches:

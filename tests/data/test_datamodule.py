@@ -44,15 +44,28 @@ def flat(data_dir, split="train") -> np.ndarray:
     return np.concatenate([np.fromfile(data_dir / s["file"], dtype=np.uint16) for s in shards.split(split)["shards"]])
 
 
-def dataset(data_dir, layout="random", *, seq_len=8, batch=2, world=1, rank=0, accumulate=1, seed=0, shuffle=True,
-            split="train", reset_at_document=False) -> BlockBatches:  # fmt: skip
+def dataset(
+    data_dir,
+    layout="random",
+    *,
+    seq_len=8,
+    batch=2,
+    world=1,
+    rank=0,
+    accumulate=1,
+    seed=0,
+    shuffle=True,
+    split="train",
+    reset_at_document=False,
+) -> BlockBatches:
     shards = TokenShards.open(data_dir)
     files = [(str(a.filename), a.shape[0]) for a in shards.arrays(split)]
     masks = shards.masks(split)
     stream = TokenStream(files, "uint16", masks and [str(m.filename) for m in masks], EOT)
     geometry = Geometry(seq_len, batch, world, rank, accumulate)
-    return BlockBatches(make_layout(layout, stream, geometry, seed=seed, shuffle=shuffle),
-                        reset_at_document=reset_at_document)  # fmt: skip
+    return BlockBatches(
+        make_layout(layout, stream, geometry, seed=seed, shuffle=shuffle), reset_at_document=reset_at_document
+    )
 
 
 def epoch(ds: BlockBatches, e=0) -> list[dict]:
@@ -75,8 +88,9 @@ def take(loader, n) -> list[dict]:
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))  # fmt: skip
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 LAYOUTS = ["random", "documents", "streams"]
@@ -260,8 +274,14 @@ def test_seq_len_longer_than_the_streams_or_the_documents_is_named(docs_data):
 
 def test_a_data_vocabulary_larger_than_the_model_is_refused(builtin_data):
     module = LanguageModelModule(arch="lswt", size="debug", vocab_size=200)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="has vocab_size=257, larger than the model's vocab_size=200"):
         trainer.fit(module, datamodule=TokenDataModule(str(builtin_data)))
 

@@ -167,8 +167,10 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, inputs, case, kwarg
     bpe_file(tmp_path).rename(tmp_path / "noeot.json")
     text = (tmp_path / "noeot.json").read_text().replace("<|endoftext|>", "<|something|>")
     (tmp_path / "noeot.json").write_text(text)
-    kwargs = {k: [s.format(tmp=tmp_path, inputs=inputs[0]) for s in v] if isinstance(v, list) else v
-              for k, v in kwargs.items()}  # fmt: skip
+    kwargs = {
+        k: [s.format(tmp=tmp_path, inputs=inputs[0]) for s in v] if isinstance(v, list) else v
+        for k, v in kwargs.items()
+    }
     if isinstance(kwargs.get("tokenizer"), str):
         kwargs["tokenizer"] = kwargs["tokenizer"].format(tmp=tmp_path)
     with pytest.raises((ValueError, FileNotFoundError, KeyError), match=error):

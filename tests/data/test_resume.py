@@ -85,16 +85,21 @@ def fit(out_dir, data_dir, tag, *, world, workers, layout, accumulate, max_steps
 
 
 def equal(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))  # fmt: skip
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize(
     "world, workers, layout, accumulate",
     [(1, 0, "random", 1), (1, 2, "streams", 2), (2, 0, "streams", 1), (2, 2, "random", 1)],
-    ids=["1rank-0workers-random", "1rank-2workers-streams-accumulate2", "2ranks-0workers-streams",
-         "2ranks-2workers-random"],
-)  # fmt: skip
+    ids=[
+        "1rank-0workers-random",
+        "1rank-2workers-streams-accumulate2",
+        "2ranks-0workers-streams",
+        "2ranks-2workers-random",
+    ],
+)
 def test_a_resumed_run_sees_exactly_the_batches_of_the_uninterrupted_run(
     tmp_path, small_data, world, workers, layout, accumulate
 ):
@@ -107,8 +112,9 @@ def test_a_resumed_run_sees_exactly_the_batches_of_the_uninterrupted_run(
     full = fit(tmp_path, small_data, "full", max_steps=total, save_at=(mid, boundary), **settings)
     assert all(len(rank) == total * accumulate for rank in full)
     for stop in (mid, boundary):
-        resumed = fit(tmp_path, small_data, f"from{stop}", max_steps=total, ckpt=tmp_path / f"step{stop}.ckpt",
-                      **settings)  # fmt: skip
+        resumed = fit(
+            tmp_path, small_data, f"from{stop}", max_steps=total, ckpt=tmp_path / f"step{stop}.ckpt", **settings
+        )
         for rank in range(world):
             head = full[rank][: stop * accumulate]
             assert equal(head + resumed[rank], full[rank]), f"rank {rank}, resumed at step {stop}"

@@ -75,7 +75,15 @@ def test_two_ranks_with_uneven_rows_agree_with_one_process(tmp_path, port, monke
     monkeypatch.setenv("MASTER_PORT", str(port))
     batch = answer_batch(3)
     module = _AnswersOnRanks(batch, [(0, 6), (6, 7)], tmp_path / "value.pt")
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module)
     assert torch.load(tmp_path / "value.pt") == pytest.approx(answer_exact_match(*batch))
