@@ -18,6 +18,7 @@ would have read. The order does not depend on the worker count, so resuming with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -235,6 +236,11 @@ class TokenDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         geometry = Geometry(h.seq_len, h.batch_size, world, rank, accumulate)
         layout = make_layout(h.layout, stream, geometry, seed=h.seed, shuffle=shuffle)
+        if split != "train" and len(layout) == 0 and layout.rows_available() >= 1:
+            # A small evaluation split still gets evaluated, in smaller batches (the same on every rank).
+            geometry = dataclasses.replace(geometry, batch_size=layout.rows_available())
+            layout = make_layout(h.layout, stream, geometry, seed=h.seed, shuffle=shuffle)
+            log.info("data: split '%s' is small; it is read in batches of %d rows", split, geometry.batch_size)
         where = f"split '{split}' of {h.data_dir} ({split_info['tokens']} tokens)"
         if isinstance(layout, Documents) and layout.longest - 1 > h.seq_len:
             raise ValueError(

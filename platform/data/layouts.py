@@ -116,6 +116,10 @@ class Layout:
     def rows(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def rows_available(self) -> int:
+        """The most rows per batch with which every rank still gets one batch."""
+        return self.n_units // self.geometry.world_size
+
 
 class RandomBlocks(Layout):
     name = "random"
@@ -176,6 +180,10 @@ class Streams(Layout):
         """Where stream 0 starts this epoch: a random point of the split, read as a circle, so even a
         single stream reads other segments in every epoch."""
         return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.stream.n_tokens)) if self.shuffle else 0
+
+    def rows_available(self) -> int:
+        g = self.geometry
+        return max(self.stream.n_tokens - 1, 0) // (g.world_size * g.accumulate * g.seq_len)
 
     def is_epoch_start(self, index: int) -> bool:
         """The first segment of every stream: the state carried from the previous epoch must go."""

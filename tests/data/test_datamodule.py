@@ -291,3 +291,17 @@ def test_a_prepare_config_as_source_builds_the_missing_data(tmp_path):
 
     dm = TokenDataModule(str(tmp_path / "built"), source=str(REPO / "configs" / "data" / "builtin.yaml"))
     assert dm.vocab_size == 257 and (tmp_path / "built" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_validation_split_smaller_than_one_batch_is_read_in_smaller_batches(docs_data, layout):
+    seq_len = 80 if layout == "documents" else 8
+    dm = TokenDataModule(str(docs_data), seq_len=seq_len, batch_size=1000, layout=layout)
+    dm.setup()
+    val = list(dm.val_dataloader())
+    rows = {"documents": 12, "random": (len(flat(docs_data, "val")) - 1) // 8}.get(layout, len(val[0]["input_ids"]))
+    assert len(val) == 1 and val[0]["input_ids"].shape == (rows, seq_len) and rows > 1
+    with pytest.raises(
+        ValueError, match="fewer than one batch of data.batch_size=1000|longer than the document streams"
+    ):
+        dm.train_dataloader()  # training never shrinks its batches: that would change the run
