@@ -240,6 +240,7 @@ def prepare_from_config(config: str, **overrides: Any) -> dict[str, Any]:
 
 
 def prepare_cli(args: list[str] | None = None) -> dict[str, Any]:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the tasks' fields document themselves
     return CLI(prepare, args=args, as_positional=False, exit_on_error=False)

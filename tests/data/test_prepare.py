@@ -200,3 +200,17 @@ def test_the_command_reports_bad_input_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == f"error: input '{tmp_path / 'missing.txt'}' matches no file; " + (
         "give files, directories or globs that exist"
     )
+
+
+def test_help_explains_every_option_and_each_task_lists_its_parameters(capsys):
+    from platform.data.prepare import prepare_cli
+
+    with pytest.raises(SystemExit):
+        prepare_cli(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--inputs", "--builtin", "--task", "--tokenizer", "--bpe_vocab_size", "--num_proc", "--overwrite"):
+        assert option in text
+    with pytest.raises(SystemExit):
+        prepare_cli(["--task.help", "PasskeyTask"])
+    text = capsys.readouterr().out
+    assert "--task.length" in text and "--task.depths" in text and "Depths of the key" in text
