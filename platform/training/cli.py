@@ -13,21 +13,19 @@ LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top o
 
 from __future__ import annotations
 
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentError, Namespace
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from platform.data.datamodule import TokenDataModule
+from platform.entry import run_entry_point  # noqa: F401  (the entry points import it from here)
 from platform.training.callbacks import GradNormMonitor, PeriodicCheckpoint
 from platform.training.module import LanguageModelModule
 
 DEFAULT_ROOT = "runs/default"
-PLATFORM_DIR = Path(__file__).resolve().parent.parent
 
 
 class SaveConfigToRunDir(SaveConfigCallback):
@@ -130,28 +128,3 @@ def fit(args: list[str] | None = None) -> PlatformCLI:
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
-
-
-def raised_by_platform(exc: BaseException) -> bool:
-    """True when the innermost frame of the traceback is the platform's own code: a deliberate,
-    one-line error about the user's input rather than a bug somewhere below."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PLATFORM_DIR)
-
-
-def run_entry_point(main, args: list[str] | None = None) -> int:
-    """Run an entry point; user errors become one line on stderr and exit code 2."""
-    try:
-        main(args)
-    except ArgumentError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:
-        if not raised_by_platform(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -61,3 +61,30 @@ class TokenAccuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class AnswerExactMatch(Metric):
+    """Fraction of rows whose answer tokens are all predicted by argmax (synthetic tasks' exact match).
+
+    A row counts when it holds at least one answer token (`answer_mask`, on target positions); it is
+    correct when the argmax of the logits equals the target at every one of them.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, targets: Tensor, answer_mask: Tensor) -> None:
+        """logits (B, T, V), targets (B, T), answer_mask (B, T) bool."""
+        wrong = (logits.detach().argmax(dim=-1) != targets) & answer_mask  # (B, T)
+        scored = answer_mask.any(dim=-1)  # (B,)
+        self.correct += (scored & ~wrong.any(dim=-1)).sum()
+        self.total += scored.sum()
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()

@@ -18,10 +18,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from platform.data.tokenizer import check_same_tokenizer
 from platform.models.output import ModelState, state_from_tree, state_to_tree
 from platform.models.registry import config_for, family
 from platform.training.losses import combine_losses, token_nll
-from platform.training.metrics import Perplexity, TokenAccuracy
+from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy
 from platform.training.optimizers import WarmupCosine, no_weight_decay_names, parameter_groups
 
 STAGES = ("train", "val", "test")
@@ -71,6 +72,7 @@ class LanguageModelModule(L.LightningModule):
             metrics = {"ppl": Perplexity(), "acc": TokenAccuracy(1, ignore_index)}
             metrics[f"top{top_k}_acc"] = TokenAccuracy(top_k, ignore_index)
             setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
+            setattr(self, f"{stage}_answer_acc", AnswerExactMatch())  # logged for data with answer marks
         self._carried: dict[str, ModelState] = {}
 
     def configure_model(self) -> None:
@@ -108,6 +110,13 @@ class LanguageModelModule(L.LightningModule):
             else:
                 metric.update(*args)
             self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=not on_step, prog_bar=name == "ppl")
+        if "answer_mask" in batch:  # synthetic tasks: exact match of each row's answer tokens
+            metric, args = getattr(self, f"{stage}_answer_acc"), (out.logits, targets, batch["answer_mask"])
+            if on_step:
+                metric(*args)
+            else:
+                metric.update(*args)
+            self.log(f"{stage}/answer_acc", metric, on_step=on_step, on_epoch=not on_step)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -170,6 +179,8 @@ class LanguageModelModule(L.LightningModule):
         checkpoint["carried_state"] = {"world_size": world, "ranks": gathered}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        check_same_tokenizer(checkpoint.get("tokenizer"), getattr(datamodule, "tokenizer_spec", None), "the checkpoint")
         saved = checkpoint.get("carried_state")
         if not self.hparams.carry_state or not saved:
             return

@@ -1,0 +1,1 @@
+"""Data: tokenizers, token shards on disk, and the LightningDataModule that streams them."""
