@@ -1,4 +1,5 @@
-"""RMSNorm, computed in fp32 and cast back, so a bf16 model normalises with full precision."""
+"""RMSNorm, computed in at least fp32 and cast back, so a bf16 model normalises with full precision (and an
+fp64 model keeps fp64)."""
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,9 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        return F.rms_norm(x.float(), (self.dim,), weight, self.eps).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), (self.dim,), weight, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
