@@ -61,8 +61,8 @@ class LanguageModelModule(L.LightningModule):
             top_k: k of the top-k accuracy metric.
             carry_state: Carry the model's state across batches (needs the "streams" data layout).
             simctg_margin: Margin rho of the SimCTG loss, computed when aux_loss_weights.simctg > 0.
-            warm_start: Load the input embedding (and its tokenizer's vocabulary) from a local Hugging
-                Face directory: {path, freeze}.
+            warm_start: Load the input embedding from a local Hugging Face directory: {path, freeze}
+                (prepare the data with that directory's tokenizer, warm_start.HuggingFaceTokenizer).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
