@@ -2,10 +2,11 @@
 
 A pre-norm Transformer whose token embedding lives in its own width (`d_vocab`) with projections
 to and from `d_model`, tied input/output embeddings, SwiGLU feed-forward layers and RoPE attention
-(reversed by default: the newest token is always at position 0). Its state is a per-layer KV cache
-of un-rotated keys, which serves both decoding and Transformer-XL training: with `cache_len > 0`
-the state is trimmed to the newest `cache_len` positions after every call. `self_extend` switches every
-attention layer to SelfExtend (platform/models/self_extend.py) without changing the parameters.
+(reversed by default: the newest token is always at position 0; optional NTK/dynamic scaling) with
+optional attention registers. Its state is a per-layer KV cache of un-rotated keys, which serves both
+decoding and Transformer-XL training: with `cache_len > 0` the state is trimmed to the newest
+`cache_len` positions after every call, and `reset_rows` drops the past of rows that begin a new
+stream. `self_extend` switches every attention layer to SelfExtend without changing the parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 
 from platform.models.layers.attention import CausalSelfAttention, KVState
 from platform.models.layers.feed_forward import SwiGLU
+from platform.models.layers.norm import RMSNorm
+from platform.models.layers.rope import RotaryScaling
 from platform.models.output import ModelOutput, ModelState
 from platform.models.self_extend import SelfExtendConfig, as_self_extend_config
 
@@ -38,6 +41,18 @@ class LSWTConfig:
     """RoPE base frequency (500k: 'RoPE ABF', as the seed)."""
     rope_reversed: bool = True
     """Count positions back from the newest token (reversed RoPE); False gives standard RoPE."""
+    rope_ntk_scale: float = 1.0
+    """NTK-aware RoPE scaling: the base becomes rope_base * s^(d/(d-2)) (1 leaves it unchanged)."""
+    rope_dynamic: bool = False
+    """Dynamic NTK: past rope_positions keys, scale by s = keys / rope_positions (and a q/k temperature)."""
+    rope_positions: int | None = None
+    """Trained context length that dynamic scaling counts from (needed with rope_dynamic)."""
+    rope_yarn_a: float = 0.07
+    """Dynamic scaling multiplies queries and keys by rope_yarn_a * ln(s) + rope_yarn_b."""
+    rope_yarn_b: float = 1.0
+    """See rope_yarn_a."""
+    n_registers: int = 0
+    """Learned attention registers per layer, seen by every query and never cached (0: none)."""
     qk_norm: bool = False
     """RMS-normalise queries and keys per head before rotation."""
     bias: bool = True
@@ -60,16 +75,43 @@ class LSWTConfig:
             )
         if self.cache_len < 0:
             raise ValueError(f"model.cache_len={self.cache_len} must be >= 0 (0 keeps the whole past)")
+        if self.n_registers < 0:
+            raise ValueError(f"model.n_registers={self.n_registers} must be >= 0 (0 turns registers off)")
+        if self.rope_dynamic and (self.rope_positions is None or self.rope_positions < 1):
+            raise ValueError(
+                f"model.rope_dynamic=true needs model.rope_positions >= 1 (the trained context), "
+                f"got {self.rope_positions}"
+            )
+        if self.rope_ntk_scale <= 0:
+            raise ValueError(f"model.rope_ntk_scale={self.rope_ntk_scale} must be > 0 (1 turns NTK scaling off)")
+        if self.self_extend is not None and (self.n_registers or self.rope_scaling is not None):
+            raise ValueError(
+                f"model.self_extend does not combine with model.n_registers={self.n_registers} or RoPE scaling "
+                f"(rope_ntk_scale={self.rope_ntk_scale}, rope_dynamic={self.rope_dynamic}); turn one of them off"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_scaling(self) -> RotaryScaling | None:
+        """None when RoPE is unscaled (static scale 1, not dynamic)."""
+        if self.rope_ntk_scale == 1.0 and not self.rope_dynamic:
+            return None
+        positions = self.rope_positions if self.rope_dynamic else None
+        return RotaryScaling(self.rope_ntk_scale, positions, self.rope_yarn_a, self.rope_yarn_b)
 
 
 @dataclasses.dataclass(frozen=True)
 class LSWTState(ModelState):
     layers: list[KVState]  # one per block: keys/values (B, H, M, Dh), M <= cache_len when cache_len > 0
     position: int  # absolute position of the next token (counts every token seen, trimmed or not)
+
+    def reset_rows(self, rows: Tensor) -> LSWTState:
+        """Drop the past of the rows where `rows` (B,) is True (a new stream begins there); the other
+        rows keep theirs. Hidden positions are masked until trimming pushes them out of the cache."""
+        return LSWTState([kv.reset_rows(rows) for kv in self.layers], self.position)
 
 
 class LSWTBlock(nn.Module):
@@ -86,6 +128,8 @@ class LSWTBlock(nn.Module):
             rope_base=config.rope_base,
             rope_reversed=config.rope_reversed,
             self_extend=config.self_extend,
+            n_registers=config.n_registers,
+            rope_scaling=config.rope_scaling,
         )
         self.feed_forward_norm = nn.LayerNorm(config.d_model)
         self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=config.bias)
@@ -111,15 +155,18 @@ class LSWT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """N(0, init_std) for every matrix and the embedding, zero biases, unit norms (the seed's init).
-        Also used after a sharded strategy materialises a meta-device model."""
+        """N(0, init_std) for every matrix and the embedding, zero biases, unit norms, registers
+        N(0, 1/sqrt(Dh)) (the seed's init). Also used after a sharded strategy materialises a
+        meta-device model."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.init_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
+            elif isinstance(module, CausalSelfAttention):
+                module.reset_registers()
 
     def forward(self, input_ids: Tensor, state: LSWTState | None = None, *, return_hidden: bool = False) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
@@ -136,13 +183,15 @@ class LSWT(nn.Module):
 
 
 SIZES: dict[str, dict] = {
-    # Trains in seconds on a CPU: the default job and the tests.
+    # Trains in seconds on a CPU: the default job and the tests. No registers, so SelfExtend can be
+    # switched on at evaluation time (configs/lswt/debug.yaml adds them for XL training).
     "debug": dict(vocab_size=512, d_vocab=64, d_model=64, n_layers=2, n_heads=4, d_ff=192, rope_base=10000.0),
-    # The seed's table (Dec-2023 generation): d_ff = 4 * d_model, d_key = 64, a 768-wide OPT vocabulary.
-    "tiny": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072),  # 153M
-    "small": dict(d_model=1024, n_layers=18, n_heads=16, d_ff=4096),  # 343M
-    "medium": dict(d_model=1536, n_layers=24, n_heads=24, d_ff=6144),  # 949M
-    "large": dict(d_model=2048, n_layers=36, n_heads=32, d_ff=8192),  # 2.5B
-    "xl": dict(d_model=3072, n_layers=48, n_heads=48, d_ff=12288),  # 7.3B
-    "xxl": dict(d_model=4096, n_layers=48, n_heads=64, d_ff=16384),  # 13B
+    # The seed's table (Dec-2023 generation): d_ff = 4 * d_model, d_key = 64, a 768-wide OPT vocabulary,
+    # 16 registers per layer (2 * 16 * d_model parameters each: under 0.1% of any size).
+    "tiny": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072, n_registers=16),  # 153M
+    "small": dict(d_model=1024, n_layers=18, n_heads=16, d_ff=4096, n_registers=16),  # 343M
+    "medium": dict(d_model=1536, n_layers=24, n_heads=24, d_ff=6144, n_registers=16),  # 949M
+    "large": dict(d_model=2048, n_layers=36, n_heads=32, d_ff=8192, n_registers=16),  # 2.5B
+    "xl": dict(d_model=3072, n_layers=48, n_heads=48, d_ff=12288, n_registers=16),  # 7.3B
+    "xxl": dict(d_model=4096, n_layers=48, n_heads=64, d_ff=16384, n_registers=16),  # 13B
 }

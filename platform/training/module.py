@@ -6,7 +6,8 @@ non-ignored targets, the model's named aux losses times their configured weights
 model is built in `configure_model`, so sharded strategies can wrap it before it is materialised.
 With `carry_state`, the model's state is carried from one batch to the next (Transformer-XL memory,
 recurrent state): one state per gradient-accumulation slot, detached between steps, kept in the
-checkpoint so a resumed run continues exactly.
+checkpoint so a resumed run continues exactly. Optional: warm-started embeddings, the SimCTG aux loss
+(asks the model for its final hidden states), and SophiaG's Hessian refresh (platform/training/sophia.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from torch import Tensor, nn
 from platform.data.tokenizer import check_same_tokenizer
 from platform.models.output import ModelState, state_from_tree, state_to_tree
 from platform.models.registry import config_for, family
-from platform.training.losses import combine_losses, token_nll
+from platform.training.losses import combine_losses, simctg_loss, token_nll
 from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy
 from platform.training.optimizers import WarmupCosine, no_weight_decay_names, parameter_groups
+from platform.training.sophia import SophiaG, gauss_newton_bartlett
+from platform.training.warm_start import WarmStart, warm_start_embeddings
 
 STAGES = ("train", "val", "test")
-DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0}
+DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0, "simctg": 0.0}
 
 
 class LanguageModelModule(L.LightningModule):
@@ -42,6 +45,8 @@ class LanguageModelModule(L.LightningModule):
         ignore_index: int = -100,
         top_k: int = 5,
         carry_state: bool = False,
+        simctg_margin: float = 0.5,
+        warm_start: WarmStart | None = None,
     ):
         """
         Args:
@@ -56,6 +61,9 @@ class LanguageModelModule(L.LightningModule):
             ignore_index: Target id excluded from the loss and the metrics (padding).
             top_k: k of the top-k accuracy metric.
             carry_state: Carry the model's state across batches (needs the "streams" data layout).
+            simctg_margin: Margin rho of the SimCTG loss, computed when aux_loss_weights.simctg > 0.
+            warm_start: Load the input embedding from a local Hugging Face directory: {path, freeze}
+                (prepare the data with that directory's tokenizer, warm_start.HuggingFaceTokenizer).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -79,6 +87,8 @@ class LanguageModelModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = family(self.hparams.arch).model(self.model_config)
+        if self.hparams.warm_start:
+            warm_start_embeddings(self.model, **self.hparams.warm_start)
         self._no_decay = no_weight_decay_names(self.model)
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, **kwargs):
@@ -89,19 +99,26 @@ class LanguageModelModule(L.LightningModule):
         input_ids, targets = batch["input_ids"], batch["targets"]
         key = self._state_key(stage, batch_idx)
         state = self._state_for(key, batch) if self.hparams.carry_state else None
-        out = self.model(input_ids, state=state)
+        use_simctg = self.aux_loss_weights["simctg"] > 0
+        out = self.model(input_ids, state=state, return_hidden=use_simctg)
         if self.hparams.carry_state:
             self._carried[key] = out.state.detach()
+        if stage == "train":
+            self._refresh_hessian(out.logits, targets, batch_idx)
 
         nll_sum, n_tokens = token_nll(out.logits, targets, self.hparams.ignore_index)
         ce = nll_sum / n_tokens.clamp(min=1)
-        loss = combine_losses(ce, out.aux_losses, self.aux_loss_weights)
+        aux_losses = dict(out.aux_losses)
+        if use_simctg:
+            valid = targets != self.hparams.ignore_index
+            aux_losses["simctg"] = simctg_loss(out.hidden, valid, self.hparams.simctg_margin)
+        loss = combine_losses(ce, aux_losses, self.aux_loss_weights)
 
         on_step, batch_size = stage == "train", input_ids.shape[0]
         log = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
         self.log(f"{stage}/ce", ce, **log)
-        for name, value in out.aux_losses.items():
+        for name, value in aux_losses.items():
             self.log(f"{stage}/{name}", value, **log)
         for name, metric in getattr(self, f"{stage}_metrics").items():
             args = (nll_sum, n_tokens) if name == "ppl" else (out.logits, targets)
@@ -129,6 +146,18 @@ class LanguageModelModule(L.LightningModule):
         return self._shared_step(batch, "test", batch_idx)
 
     # --- optimizer --------------------------------------------------------------------------------
+    def _refresh_hessian(self, logits: Tensor, targets: Tensor, batch_idx: int) -> None:
+        """SophiaG: on the first micro-batch of every `hessian_interval`-th optimizer step (step 0
+        included, so h is never all zero), estimate the Hessian diagonal from this forward's logits.
+        The estimate uses autograd.grad, so the gradients being accumulated are left alone."""
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if not isinstance(optimizer, SophiaG):
+            return
+        if batch_idx % self.trainer.accumulate_grad_batches or self.trainer.global_step % optimizer.hessian_interval:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.update_hessian(gauss_newton_bartlett(logits, targets != self.hparams.ignore_index, params))
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(parameter_groups(self.model.named_parameters(), self._no_decay))
         if self.scheduler_factory is None:

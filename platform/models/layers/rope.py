@@ -4,10 +4,14 @@ Standard RoPE rotates a token at absolute position p by angle p * w_i. Reversed 
 ARCHITECTURES.md §3.1) counts positions back from the newest token of the call, which sits at 0:
 the scores then depend on the negated relative offset, i.e. reversed RoPE is standard RoPE with
 negated angles. Frequencies are computed on the fly from the positions (no buffers), so a model
-built on the meta device needs nothing re-initialised here.
+built on the meta device needs nothing re-initialised here. `RotaryScaling` is LSWT's NTK-aware and
+dynamic scaling (§3.1): a larger base for the call, and a temperature on queries and keys.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 from torch import Tensor
@@ -71,3 +75,30 @@ def query_key_positions(
         q = torch.arange(offset, offset + n_new, device=device)
         k = torch.arange(offset - n_cached, offset + n_new, device=device)
     return q, k
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryScaling:
+    """NTK-aware RoPE scaling, static or dynamic (LSWT, ARCHITECTURES.md §3.1).
+
+    Static: the base becomes base * ntk_scale^(d/(d-2)) for every call. Dynamic (`dynamic_positions`
+    set to the trained length L): a call over S keys uses s = max(S / L, 1), ntk = ntk_scale * s^2, and
+    multiplies queries and keys by a * ln(s) + b (YaRN-style temperature; 1 while S <= L). Because the
+    scale depends on the call's key count, dynamic mode is not decode-consistent past L: a token's
+    angles change with the length of the call that processes it.
+    """
+
+    ntk_scale: float = 1.0
+    dynamic_positions: int | None = None
+    yarn_a: float = 0.07
+    yarn_b: float = 1.0
+
+    def base_and_temperature(self, base: float, head_dim: int, n_keys: int) -> tuple[float, float]:
+        """The RoPE base and the q/k multiplier of a call that attends over `n_keys` keys."""
+        ntk, temperature = self.ntk_scale, 1.0
+        if self.dynamic_positions is not None:
+            s = max(n_keys / self.dynamic_positions, 1.0)
+            ntk, temperature = ntk * s**2, (self.yarn_a * math.log(s) + self.yarn_b if s > 1.0 else 1.0)
+        if ntk != 1.0:
+            base = base * ntk ** (head_dim / (head_dim - 2))
+        return base, temperature
