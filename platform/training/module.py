@@ -63,7 +63,7 @@ class LanguageModelModule(L.LightningModule):
             carry_state: Carry the model's state across batches (needs the "streams" data layout).
             simctg_margin: Margin rho of the SimCTG loss, computed when aux_loss_weights.simctg > 0.
             warm_start: Load the input embedding from a local Hugging Face directory: {path, freeze}
-                (prepare the data with that directory's tokenizer, warm_start.HuggingFaceTokenizer).
+                (prepare the data with that directory's tokenizer: `--tokenizer <the same directory>`).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Required, TypedDict
+from typing import Required, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -122,27 +122,3 @@ def warm_start_embeddings(model: nn.Module, path: str, freeze: bool = False) -> 
     with torch.no_grad():
         embed.weight.copy_(fit_embeddings(source, embed.weight))
     embed.weight.requires_grad_(not freeze)
-
-
-class HuggingFaceTokenizer:
-    """The tokenizer saved in a local Hugging Face directory, behind the platform's Tokenizer protocol
-    (platform/data/tokenizer.py): the tokenizer that belongs to warm-started embeddings."""
-
-    def __init__(self, path: str | Path):
-        from transformers import AutoTokenizer
-
-        self.path = str(path)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.vocab_size = len(self._tokenizer)
-        self.eot_id = self._tokenizer.eos_token_id
-        if self.eot_id is None:
-            raise ValueError(f"the tokenizer in '{self.path}' has no eos token to end documents with; set eos_token")
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "huggingface", "path": self.path, "vocab_size": self.vocab_size, "eot_id": self.eot_id}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from platform.data.tokenizer import load_tokenizer, tokenizer_from_path
 from platform.models import build_model
 from platform.training.module import LanguageModelModule
-from platform.training.warm_start import HuggingFaceTokenizer, read_input_embeddings, warm_start_embeddings
+from platform.training.warm_start import read_input_embeddings, warm_start_embeddings
 
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door " * 4
 
@@ -93,17 +94,20 @@ def test_the_module_warm_starts_and_freezes_the_embedding(opt_dir):
     assert id(lm.model.input_proj.weight) in optimized
 
 
-def test_its_tokenizer_is_the_saved_one(opt_dir):
+def test_its_tokenizer_is_the_saved_one_and_travels_in_the_index(opt_dir):
+    """Data for a warm-started model is prepared with the model directory's tokenizer (`--tokenizer <dir>`)."""
     from transformers import AutoTokenizer
 
     path, _ = opt_dir
-    tokenizer = HuggingFaceTokenizer(path)
+    tokenizer = tokenizer_from_path(path)
     reference = AutoTokenizer.from_pretrained(path, local_files_only=True)
     text = "the lazy fox sleeps by the door"
     assert tokenizer.encode(text) == reference.encode(text, add_special_tokens=False)
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert tokenizer.eot_id == 2
-    assert tokenizer.describe() == {"kind": "huggingface", "path": str(path), "vocab_size": len(reference), "eot_id": 2}
+    assert tokenizer.vocab_size == len(reference)
+    rebuilt = load_tokenizer(tokenizer.describe())  # what a checkpoint carries: no need for the directory
+    assert rebuilt.encode(text) == tokenizer.encode(text) and rebuilt.eot_id == 2
 
 
 def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
