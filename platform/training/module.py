@@ -22,7 +22,8 @@ from platform.models.output import ModelState, state_from_tree, state_to_tree
 from platform.models.registry import config_for, family
 from platform.training.losses import combine_losses, token_nll
 from platform.training.metrics import Perplexity, TokenAccuracy
-from platform.training.optimizers import WarmupCosine, no_weight_decay_names, parameter_groups
+from platform.training.optimizers import WarmupCosine, parameter_groups
+from platform.training.strategies import build_model, named_parameters
 
 STAGES = ("train", "val", "test")
 DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0}
@@ -41,6 +42,7 @@ class LanguageModelModule(L.LightningModule):
         ignore_index: int = -100,
         top_k: int = 5,
         carry_state: bool = False,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -55,6 +57,8 @@ class LanguageModelModule(L.LightningModule):
             ignore_index: Target id excluded from the loss and the metrics (padding).
             top_k: k of the top-k accuracy metric.
             carry_state: Carry the model's state across batches (needs the "streams" data layout).
+            activation_checkpointing: Recompute each block's activations in backward (set from
+                parallelism.activation_checkpointing).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -76,8 +80,10 @@ class LanguageModelModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = family(self.hparams.arch).model(self.model_config)
-        self._no_decay = no_weight_decay_names(self.model)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        self.model, self._no_decay = build_model(
+            family(self.hparams.arch).model, self.model_config, strategy, self.hparams.activation_checkpointing
+        )
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, **kwargs):
         return self.model(input_ids, state=state, **kwargs)
@@ -121,7 +127,7 @@ class LanguageModelModule(L.LightningModule):
 
     # --- optimizer --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(parameter_groups(self.model.named_parameters(), self._no_decay))
+        optimizer = self.optimizer_factory(parameter_groups(named_parameters(self.model), self._no_decay))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
