@@ -59,6 +59,8 @@ class RequeueOnSignal(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
         path = save_now(trainer)
+        for logger in trainer.loggers:
+            logger.save()  # buffered metrics (CSV) reach the disk before SLURM ends the job
         trainer.strategy.barrier("requeue")  # every rank's shard is on disk before the job is requeued
         job_id = slurm_job_id()
         if trainer.is_global_zero:
