@@ -2,10 +2,10 @@
 
 The measurement is torch's own allocator accounting: the profiler records every CPU allocation and the
 running total of allocated bytes, and the peak of that total during one forward and backward, minus the
-total before it, is the activation peak. Gradients are allocated by a warm-up step and zeroed in place
-first, as during gradient accumulation, so the peak holds activations and transients only (the planner
-lists gradients on their own line). Prints one row per (size, batch, tokens, checkpointing) with the
-estimate/measured ratio. Run from the repository root:
+total before it, is the activation peak. Gradients are allocated beforehand, as during gradient
+accumulation, so the peak holds activations and transients only (the planner lists gradients on their
+own line). Weights are a constant: what is allocated does not depend on their values. Prints one row per
+(size, batch, tokens, checkpointing) with the estimate/measured ratio. Run from the repository root:
 
     python -m benchmarks.activation_memory [--sizes debug tiny] [--threads 2]
 """
@@ -22,28 +22,26 @@ from platform.training.losses import token_nll
 from platform.training.planner import ACTIVATION_MODELS, PRECISION_BYTES
 from platform.training.strategies import checkpoint_blocks
 
-CASES = {"debug": [(8, 256), (4, 1024)], "tiny": [(1, 256), (2, 512)]}
+CASES = {"debug": [(8, 256), (4, 1024)], "tiny": [(1, 128), (1, 256), (2, 512)]}
 
 
 def measured_activation_peak(arch: str, size: str, batch: int, seq_len: int, checkpointing: bool) -> int:
     """Peak allocated bytes above weights and gradients during one training step's forward and backward."""
-    torch.manual_seed(0)
-    model = build_model(arch, size)
+    with torch.device("meta"):
+        model = build_model(arch, size)
+    model.to_empty(device="cpu")
+    for p in model.parameters():  # values do not change what is allocated; a constant skips a slow init
+        p.detach().fill_(0.01)
+        p.grad = torch.zeros_like(p)  # allocated before, as during gradient accumulation
     if checkpointing:
         checkpoint_blocks(model)
     vocab = model.config.vocab_size
-    ids, targets = torch.randint(0, vocab, (2, batch, seq_len))
-
-    def step() -> None:
+    ids, targets = torch.randint(0, vocab, (2, batch, seq_len), generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = model(ids)  # the module keeps out.logits alive for its metrics until the step ends
         nll, n_tokens = token_nll(out.logits, targets)
         (nll / n_tokens).backward()
-
-    step()
-    for p in model.parameters():
-        p.grad.zero_()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        del out, nll
     return _peak_above_start(prof)
 
 

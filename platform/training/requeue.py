@@ -39,13 +39,17 @@ class RequeueOnSignal(L.Callback):
     def __init__(self) -> None:
         self.signal_received = False
         self._checked_step = -1
+        self._previous_handler = signal.SIG_DFL
 
     def _on_signal(self, signum, frame) -> None:
         self.signal_received = True  # nothing else: a signal can arrive in the middle of a collective
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        signal.signal(REQUEUE_SIGNAL, self._on_signal)
+        self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {REQUEUE_SIGNAL})
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        signal.signal(REQUEUE_SIGNAL, self._previous_handler)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._checked_step = trainer.global_step
