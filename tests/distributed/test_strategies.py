@@ -119,12 +119,25 @@ def test_generation_names_the_export_command_for_a_sharded_checkpoint(runs, caps
     assert "python -m platform.export" in capsys.readouterr().err
 
 
-def test_two_nodes_on_localhost_train_together(tmp_path, builtin_data):
-    """Two processes with NODE_RANK 0 and 1 (one device each) form one world of two ranks."""
+@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+def test_two_nodes_on_localhost_train_together(launcher, tmp_path, builtin_data):
+    """Two "nodes" of one device each form one world of two ranks: plain processes told their NODE_RANK and
+    the rendezvous address, or one torchrun per node (README "Multi-node without SLURM")."""
     run, port = tmp_path / "run", str(free_port())
-    args = quick_fit_args(run, builtin_data, "--trainer.num_nodes", "2", "--trainer.strategy", "ddp", steps=3)
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    nodes = [fit_process(*args, NODE_RANK=str(rank), **env) for rank in (0, 1)]
+    args = quick_fit_args(run, builtin_data, "--trainer.num_nodes", "2", "--trainer.devices", "1", steps=3)
+    if launcher == "env":
+        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        nodes = [fit_process(*args, NODE_RANK=str(rank), **env) for rank in (0, 1)]
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+        rendezvous = ["--master_addr=127.0.0.1", f"--master_port={port}"]
+        nodes = [
+            subprocess.Popen(
+                [*torchrun, f"--node_rank={rank}", *rendezvous, "-m", "platform.fit", *args], cwd=REPO,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            for rank in (0, 1)
+        ]  # fmt: skip
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
