@@ -23,7 +23,7 @@ from platform.models.registry import config_for, family
 from platform.training.losses import combine_losses, token_nll
 from platform.training.metrics import Perplexity, TokenAccuracy
 from platform.training.optimizers import WarmupCosine, parameter_groups
-from platform.training.strategies import build_model, named_parameters
+from platform.training.strategies import build_for_strategy, named_parameters
 
 STAGES = ("train", "val", "test")
 DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0}
@@ -81,7 +81,7 @@ class LanguageModelModule(L.LightningModule):
         if self.model is not None:
             return
         strategy = self.trainer.strategy if self._trainer is not None else None
-        self.model, self._no_decay = build_model(
+        self.model, self._no_decay = build_for_strategy(
             family(self.hparams.arch).model, self.model_config, strategy, self.hparams.activation_checkpointing
         )
 

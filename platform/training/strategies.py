@@ -127,7 +127,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy used for data parallelism only. Its device mesh is
     (data_parallel, tensor_parallel) = (world, 1) for "full" and "grad_op" sharding, and
     (nodes, devices per node) for "hybrid", where fully_shard reads the 2-D mesh as (replicate, shard).
-    The LanguageModelModule applies `fully_shard` in configure_model (`build_model`)."""
+    The LanguageModelModule applies `fully_shard` in configure_model (`build_for_strategy`)."""
 
     def __init__(self, sharding: Sharding = "full", state_dict: Literal["sharded", "full"] = "sharded", **kwargs):
         super().__init__(save_distributed_checkpoint=state_dict == "sharded", **kwargs)
@@ -174,7 +174,7 @@ def _checkpointed(forward: Callable, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def build_model(
+def build_for_strategy(
     factory: Callable[[Any], nn.Module], config: Any, strategy: Strategy | None, activation_checkpointing: bool
 ) -> tuple[nn.Module, set[str]]:
     """The model for this strategy, and the names of its parameters without weight decay (read before any
