@@ -1,11 +1,22 @@
 """Train: `python -m platform.fit --config configs/tiny.yaml [--trainer.max_steps=100] [--ckpt_path last]`.
 
-`--help` lists every option; `--print_config` prints the resolved configuration.
+`--help` lists every option; `--print_config` prints the resolved configuration; `--dry_run` prints the
+memory plan on a `--cluster.*` shape instead of training.
 """
 
+import signal
 import sys
 
-from platform.training.cli import fit, run_entry_point
+
+def main() -> int:
+    # SIGUSR1 asks a running job to save and requeue (platform/training/requeue.py). Until the Trainer has
+    # installed that handler the signal's default action would kill the process, so it waits pending; this
+    # runs before the seconds of imports below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    from platform.training.cli import fit, run_entry_point
+
+    return run_entry_point(fit)
+
 
 if __name__ == "__main__":
-    sys.exit(run_entry_point(fit))
+    sys.exit(main())

@@ -15,7 +15,7 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from platform.models.layers.attention import CausalSelfAttention, KVState
+from platform.models.layers.attention import Backend, CausalSelfAttention, KVState
 from platform.models.layers.feed_forward import SwiGLU
 from platform.models.layers.norm import RMSNorm
 from platform.models.layers.rope import RotaryScaling
@@ -65,6 +65,8 @@ class LSWTConfig:
     """Standard deviation of the normal initialisation of every weight matrix and the embedding."""
     self_extend: SelfExtendConfig | None = None
     """SelfExtend in every attention layer ({group_size, window_size, ...}); None: plain RoPE attention."""
+    attention_backend: Backend = "auto"
+    """Attention kernel: auto (flash-attn on CUDA when installed, else SDPA) | flash (required) | sdpa."""
 
     def __post_init__(self) -> None:
         self.self_extend = as_self_extend_config(self.self_extend)
@@ -73,6 +75,8 @@ class LSWTConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "pick n_heads from the divisors of d_model"
             )
+        if self.attention_backend not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"model.attention_backend={self.attention_backend!r}; choose auto, flash or sdpa")
         if self.cache_len < 0:
             raise ValueError(f"model.cache_len={self.cache_len} must be >= 0 (0 keeps the whole past)")
         if self.n_registers < 0:
@@ -130,6 +134,7 @@ class LSWTBlock(nn.Module):
             self_extend=config.self_extend,
             n_registers=config.n_registers,
             rope_scaling=config.rope_scaling,
+            backend=config.attention_backend,
         )
         self.feed_forward_norm = nn.LayerNorm(config.d_model)
         self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=config.bias)

@@ -8,6 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from platform.training.strategies import all_reduce_squares
+
 
 def _squared_norm(grads: list[Tensor]) -> Tensor:
     """Sum of squared L2 norms; sharded (DTensor) gradients are reduced across their ranks."""
@@ -58,7 +60,10 @@ class GradNormMonitor(L.Callback):
             return
         groups = gradient_groups(pl_module.model)
         squared = {name: _squared_norm(grads) for name, grads in groups.items()}
-        total = torch.stack(list(squared.values())).sum().sqrt() if squared else torch.zeros(())
+        if not squared:  # DeepSpeed ZeRO-2/3 keep gradients in their own buffers: nothing to measure here
+            return
+        squared = dict(zip(squared, all_reduce_squares(torch.stack(list(squared.values())), trainer)))
+        total = torch.stack(list(squared.values())).sum().sqrt()
         metrics = {"train/grad_norm": total}
         if self.per_block:
             metrics.update({f"grad_norm/{name}": value.sqrt() for name, value in squared.items()})
@@ -71,7 +76,13 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._every_n_train_steps and self._last_global_step_saved != trainer.global_step:
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+            self.save_now(trainer)
         super().on_train_end(trainer, pl_module)
+
+    def save_now(self, trainer: L.Trainer) -> str:
+        """Save the current step as a periodic checkpoint (and `last`); returns its path. Used at the end of
+        training and by the requeue callback."""
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        return self.last_model_path or self.best_model_path

@@ -8,7 +8,10 @@ LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top o
   `lr_monitor`;
 - files default to the run directory `trainer.default_root_dir`: checkpoints in `<root>/checkpoints`,
   logs in `<root>`, the resolved config in `<root>/config.yaml` (overwritten on resume);
-- the vocabulary size is read from the data and given to the model (`link_arguments`).
+- the vocabulary size is read from the data and given to the model (`link_arguments`);
+- `parallelism` picks the strategy (platform/training/strategies.py), `--dry_run` with `cluster` prints the
+  memory plan instead of training (platform/training/planner.py), and SIGUSR1 saves and requeues
+  (platform/training/requeue.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -24,6 +29,9 @@ from platform.data.datamodule import TokenDataModule
 from platform.entry import run_entry_point  # noqa: F401  (the entry points import it from here)
 from platform.training.callbacks import GradNormMonitor, PeriodicCheckpoint
 from platform.training.module import LanguageModelModule
+from platform.training.planner import ClusterShape, check_fits, format_plan, plan_from_config
+from platform.training.requeue import RequeueOnSignal
+from platform.training.strategies import Parallelism, build_strategy, check_supported
 
 DEFAULT_ROOT = "runs/default"
 
@@ -84,10 +92,21 @@ class PlatformCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_class_arguments(Parallelism, "parallelism", fail_untyped=False)
+        parser.link_arguments("parallelism.activation_checkpointing", "model.activation_checkpointing")
+        parser.add_class_arguments(ClusterShape, "cluster", fail_untyped=False)
+        parser.add_argument(
+            "--dry_run",
+            action="store_true",
+            help="Print the memory plan of this config on the `cluster` shape and exit (nothing is trained).",
+        )
 
     def before_instantiate_classes(self) -> None:
-        """Point checkpoints and loggers at the run directory unless they were given a place."""
+        """Point checkpoints and loggers at the run directory unless they were given a place; refuse
+        strategies this machine cannot run (a dry run only plans, so it may name any)."""
         config = self.config
+        if not config.dry_run:
+            check_supported(config.parallelism, config.trainer.strategy, config.trainer.accelerator)
         root = config.trainer.default_root_dir or DEFAULT_ROOT
         config.trainer.default_root_dir = root
         if config.checkpoint.dirpath is None:
@@ -97,6 +116,26 @@ class PlatformCLI(LightningCLI):
             init_args = logger.get("init_args", {}) if isinstance(logger, Namespace) else {}
             if "save_dir" in init_args and init_args.save_dir is None:
                 init_args.save_dir = root
+
+    def instantiate_classes(self) -> None:
+        if self.config.dry_run:  # a plan needs no data, model or trainer (nor the GPUs the config names)
+            self.config_init, self.model, self.datamodule, self.trainer = self.config, None, None, None
+            return
+        super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer with the strategy of the `parallelism` section, the requeue callback, and Lightning's
+        own SLURM requeue handler switched off (RequeueOnSignal replaces it)."""
+        trainer_config = self.config_init.trainer
+        strategy = build_strategy(self.config_init.parallelism, self.model, self.config.data.batch_size)
+        if strategy is not None:
+            kwargs["strategy"] = strategy
+        callbacks = trainer_config.callbacks or []
+        kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), RequeueOnSignal()]
+        if SLURMEnvironment.detect():
+            plugins = trainer_config.plugins or []
+            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), SLURMEnvironment(False)]
+        return super().instantiate_trainer(**kwargs)
 
 
 def resolve_ckpt_path(value: str | None, checkpoint_dir: str | Path, root: str | Path) -> str | None:
@@ -123,6 +162,11 @@ def resolve_ckpt_path(value: str | None, checkpoint_dir: str | Path, root: str |
 
 def fit(args: list[str] | None = None) -> PlatformCLI:
     cli = PlatformCLI(args)
+    if cli.config.dry_run:
+        plan = plan_from_config(cli.config)
+        print(format_plan(plan))
+        check_fits(plan)
+        return cli
     ckpt_path = resolve_ckpt_path(
         cli.config.ckpt_path, cli.config.checkpoint.dirpath, cli.config.trainer.default_root_dir
     )

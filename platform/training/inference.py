@@ -20,7 +20,12 @@ def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
     path = Path(path)
     if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
-        return path / "checkpoints" / "last.ckpt"
+        path = path / "checkpoints" / "last.ckpt"
+    if path.is_dir() and (path / "meta.pt").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {path} is a sharded checkpoint; make one file with "
+            f"`python -m platform.export --checkpoint {path} --out model.ckpt` and pass that"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"--checkpoint {path} is neither a checkpoint file nor a run directory with checkpoints/last.ckpt"

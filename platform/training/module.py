@@ -24,8 +24,9 @@ from platform.models.output import ModelState, state_from_tree, state_to_tree
 from platform.models.registry import config_for, family
 from platform.training.losses import combine_losses, simctg_loss, token_nll
 from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy
-from platform.training.optimizers import WarmupCosine, no_weight_decay_names, parameter_groups
+from platform.training.optimizers import WarmupCosine, parameter_groups
 from platform.training.sophia import SophiaG, gauss_newton_bartlett
+from platform.training.strategies import build_for_strategy, named_parameters
 from platform.training.warm_start import WarmStart, warm_start_embeddings
 
 STAGES = ("train", "val", "test")
@@ -47,6 +48,7 @@ class LanguageModelModule(L.LightningModule):
         carry_state: bool = False,
         simctg_margin: float = 0.5,
         warm_start: WarmStart | None = None,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -64,6 +66,8 @@ class LanguageModelModule(L.LightningModule):
             simctg_margin: Margin rho of the SimCTG loss, computed when aux_loss_weights.simctg > 0.
             warm_start: Load the input embedding from a local Hugging Face directory: {path, freeze}
                 (prepare the data with that directory's tokenizer: `--tokenizer <the same directory>`).
+            activation_checkpointing: Recompute each block's activations in backward (set from
+                parallelism.activation_checkpointing).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -86,10 +90,20 @@ class LanguageModelModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = family(self.hparams.arch).model(self.model_config)
-        if self.hparams.warm_start:
-            warm_start_embeddings(self.model, **self.hparams.warm_start)
-        self._no_decay = no_weight_decay_names(self.model)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        self.model, self._no_decay = build_for_strategy(
+            self._build_model, self.model_config, strategy, self.hparams.activation_checkpointing
+        )
+        if self.hparams.warm_start and self.hparams.warm_start.get("freeze"):
+            self.model.embed.weight.requires_grad_(False)  # also on a sharded model built on the meta device
+
+    def _build_model(self, config) -> nn.Module:
+        """The model, its input embedding warm-started when asked. A sharding strategy also builds a copy on
+        the meta device to wrap; that copy takes its weights from the materialised one."""
+        model = family(self.hparams.arch).model(config)
+        if self.hparams.warm_start and not next(model.parameters()).is_meta:
+            warm_start_embeddings(model, **self.hparams.warm_start)
+        return model
 
     def forward(self, input_ids: Tensor, state: ModelState | None = None, **kwargs):
         return self.model(input_ids, state=state, **kwargs)
@@ -159,7 +173,7 @@ class LanguageModelModule(L.LightningModule):
         optimizer.update_hessian(gauss_newton_bartlett(logits, targets != self.hparams.ignore_index, params))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(parameter_groups(self.model.named_parameters(), self._no_decay))
+        optimizer = self.optimizer_factory(parameter_groups(named_parameters(self.model), self._no_decay))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
