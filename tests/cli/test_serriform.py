@@ -15,6 +15,8 @@ import time
 import pytest
 import torch
 
+from platform.data.shards import atomic_directory, token_dtype, write_index, write_split
+from platform.data.tokenizer import ByteTokenizer
 from platform.models.sampling import generate
 from platform.training.cli import fit
 from platform.training.inference import load_model
@@ -170,16 +172,25 @@ def test_expert_usage_and_aux_losses_reach_the_csv_and_the_offline_wandb_run(tmp
 
 
 @pytest.fixture(scope="module")
-def serriform_run(tmp_path_factory, builtin_data):
-    """The full config trained a little (greedy decoding of an untrained model would be all ties)."""
+def serriform_run(tmp_path_factory):
+    """The full config trained on one repeated sentence until it continues it: greedy text of an
+    untrained model, or of one trained for a few steps on real text, repeats one byte."""
+    tokenizer = ByteTokenizer()
+    doc = tokenizer.encode(("the quick brown fox jumps over the lazy dog. " * 3)[: 4 * 32])  # 4 blocks of 32 + 1
+    data = tmp_path_factory.mktemp("data") / "sentence"
+    with atomic_directory(data) as tmp:
+        dtype = token_dtype(tokenizer.vocab_size)
+        splits = {s: write_split(tmp, s, [doc], eot_id=tokenizer.eot_id, dtype=dtype) for s in ("train", "val")}
+        write_index(tmp, tokenizer=tokenizer.describe(), splits=splits, dtype=dtype)
     run = tmp_path_factory.mktemp("runs") / "serriform"
-    fit(config_args("full", run, builtin_data, "--data.seq_len", "64", "--data.batch_size", "8", steps=30))
+    fast = ["--model.optimizer.init_args.lr", "0.01", "--model.scheduler.init_args.warmup_steps", "5"]
+    fit(config_args("full", run, data, "--data.batch_size", "4", *fast, steps=40))
     return run
 
 
 def test_greedy_generation_streams_one_token_per_call_equal_to_the_argmax_of_full_forwards(serriform_run):
     model, tokenizer = load_model(serriform_run)
-    prompt = torch.tensor([tokenizer.encode("def ")])
+    prompt = torch.tensor([tokenizer.encode("the ")])
     calls = []
     forward = model.forward
     model.forward = lambda ids, state=None, **kw: calls.append(ids.shape[1]) or forward(ids, state=state, **kw)
@@ -190,11 +201,11 @@ def test_greedy_generation_streams_one_token_per_call_equal_to_the_argmax_of_ful
         for token in streamed:  # each position recomputed from scratch, without any state
             assert forward(ids).logits[0, -1].argmax().item() == token
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)  # (1, T + 1)
-    assert len(set(streamed)) > 1  # trained enough not to repeat one byte
+    assert len(set(streamed)) > 5  # trained enough to continue the sentence, not to repeat one byte
 
 
 def test_generate_cli_prints_the_greedy_continuation_of_a_serriform_checkpoint(serriform_run):
-    args = ["--checkpoint", str(serriform_run), "--prompt", "def ", "--max_new_tokens", "24", "--temperature", "0"]
+    args = ["--checkpoint", str(serriform_run), "--prompt", "the ", "--max_new_tokens", "24", "--temperature", "0"]
     out = subprocess.run(
         [sys.executable, "-m", "platform.generate", *args, "--stop_at_end_of_text", "false"],
         cwd=REPO,
@@ -203,5 +214,5 @@ def test_generate_cli_prints_the_greedy_continuation_of_a_serriform_checkpoint(s
     )
     assert out.returncode == 0, out.stderr[-2000:]
     model, tokenizer = load_model(serriform_run)
-    tokens = [t.item() for t in generate(model, torch.tensor([tokenizer.encode("def ")]), 24, temperature=0)]
-    assert out.stdout == "def " + tokenizer.decode(tokens) + "\n"
+    tokens = [t.item() for t in generate(model, torch.tensor([tokenizer.encode("the ")]), 24, temperature=0)]
+    assert out.stdout == "the " + tokenizer.decode(tokens) + "\n"

@@ -132,13 +132,13 @@ def frozen_module() -> LanguageModelModule:
     return serriform_module(optimizer=lambda params: torch.optim.SGD(params, lr=0.0), scheduler=None).double()
 
 
-def fit_and_read_csv(ids, val_ids, run_dir, devices: int) -> list[dict]:
+def fit_and_read_csv(ids, val_ids, run_dir, devices: int = 1, accelerator="cpu", precision="64-true") -> list[dict]:
     """One epoch, so two optimizer steps, then validation."""
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy="ddp_fork" if devices > 1 else "auto",
-        precision="64-true",
+        precision=precision,
         max_epochs=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # RankRows shares the rows out itself
@@ -154,11 +154,15 @@ def fit_and_read_csv(ids, val_ids, run_dir, devices: int) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def training_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    return torch.randint(0, V, (ROWS, T + 1), generator=g), torch.randint(0, V, (4, T + 1), generator=g)
+
+
 @pytest.fixture(scope="module")
 def usage_runs(tmp_path_factory):
     """The same rows trained by one process and by two `ddp_fork` ranks: (ids, val_ids, one, two)."""
-    g = torch.Generator().manual_seed(4)
-    ids, val_ids = torch.randint(0, V, (ROWS, T + 1), generator=g), torch.randint(0, V, (4, T + 1), generator=g)
+    ids, val_ids = training_rows()
     root = tmp_path_factory.mktemp("usage")
     one = fit_and_read_csv(ids, val_ids, root / "one", devices=1)
     with pytest.MonkeyPatch.context() as env:
@@ -176,24 +180,36 @@ def usage_by_step(rows: list[dict]) -> dict[int, dict[str, float]]:
     return usage
 
 
+def expected_usage(ids: torch.Tensor) -> dict[int, dict[str, float]]:
+    """The logged values one training forward per step gives, computed on the CPU without Lightning."""
+    reference, usage = frozen_module(), {}
+    for step, rows in ((0, ids[: ROWS // 2]), (1, ids[ROWS // 2 :])):
+        fractions = routed_fractions(reference, rows)
+        assert sorted(fractions) == ["layer0", "layer1", "layer2"]
+        usage[step] = {}
+        for layer, fraction_E in fractions.items():
+            usage[step][f"moe/{layer}/min_fraction"] = fraction_E.min().item()
+            usage[step][f"moe/{layer}/max_fraction"] = fraction_E.max().item()
+            usage[step][f"moe/{layer}/imbalance"] = (fraction_E.max() / fraction_E.mean()).item()
+    return usage
+
+
+def assert_usage_equal(logged: dict[int, dict[str, float]], expected: dict[int, dict[str, float]]) -> None:
+    """The same steps (every step, as every_n_steps=1 asks) and keys; values to 1e-9 (float64 counts,
+    float32 CSV values)."""
+    assert sorted(logged) == sorted(expected)
+    for step, values in expected.items():
+        assert logged[step] == pytest.approx(values, rel=1e-9), step
+
+
 def test_two_ranks_log_the_fractions_of_one_process_over_all_tokens(usage_runs):
     ids, _, one, two = usage_runs
-    one_usage, two_usage = usage_by_step(one), usage_by_step(two)
-    assert sorted(one_usage) == sorted(two_usage) == [0, 1]  # every step, as every_n_steps=1 asks
+    expected = expected_usage(ids)
+    assert_usage_equal(usage_by_step(one), expected)
+    assert_usage_equal(usage_by_step(two), expected)
     reference = frozen_module()
-    for step, rows in ((0, ids[: ROWS // 2]), (1, ids[ROWS // 2 :])):
+    for rows in (ids[: ROWS // 2], ids[ROWS // 2 :]):
         expected = routed_fractions(reference, rows)
-        assert sorted(expected) == ["layer0", "layer1", "layer2"]
-        for layer, fraction_E in expected.items():
-            want = {
-                "min_fraction": fraction_E.min().item(),
-                "max_fraction": fraction_E.max().item(),
-                "imbalance": (fraction_E.max() / fraction_E.mean()).item(),
-            }
-            for name, value in want.items():
-                key = f"moe/{layer}/{name}"
-                assert one_usage[step][key] == pytest.approx(value, rel=1e-9), (step, key)
-                assert two_usage[step][key] == pytest.approx(value, rel=1e-9), (step, key)
         # rank 0's rows alone route differently, so the agreement above needs the sum over ranks
         rank0 = routed_fractions(reference, rows[: len(rows) // 2])
         assert any(not torch.allclose(rank0[k], expected[k]) for k in expected)
@@ -207,3 +223,16 @@ def test_validation_balance_loss_is_the_token_weighted_mean_over_both_ranks(usag
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-6)
     logged = [float(r["val/moe_balance"]) for r in two if r.get("val/moe_balance")]
     assert logged == [pytest.approx(sum(per_rank) / 2, rel=1e-6)]  # logged in float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_monitor_logs_the_cpu_fractions_and_bf16_mixed_training_logs_usage(tmp_path):
+    """float64 on the GPU routes as float64 on the CPU; bf16-mixed may route differently, so only the
+    keys and the range of its values are checked."""
+    ids, val_ids = training_rows()
+    rows = fit_and_read_csv(ids, val_ids, tmp_path / "fp64", accelerator="gpu")
+    assert_usage_equal(usage_by_step(rows), expected_usage(ids))
+    usage = usage_by_step(fit_and_read_csv(ids, val_ids, tmp_path / "bf16", accelerator="gpu", precision="bf16-mixed"))
+    assert sorted(usage) == [0, 1]
+    assert all(1 <= v <= 4 for step in usage.values() for k, v in step.items() if k.endswith("imbalance"))
