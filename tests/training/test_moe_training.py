@@ -128,8 +128,9 @@ class RankRows(L.LightningDataModule):
         return self.shares(self.val_ids, len(self.val_ids))
 
 
-def frozen_module() -> LanguageModelModule:
-    return serriform_module(optimizer=lambda params: torch.optim.SGD(params, lr=0.0), scheduler=None).double()
+def frozen_module(dtype: torch.dtype = torch.float64) -> LanguageModelModule:
+    module = serriform_module(optimizer=lambda params: torch.optim.SGD(params, lr=0.0), scheduler=None)
+    return module.to(dtype)
 
 
 def fit_and_read_csv(ids, val_ids, run_dir, devices: int = 1, accelerator="cpu", precision="64-true") -> list[dict]:
@@ -149,7 +150,8 @@ def fit_and_read_csv(ids, val_ids, run_dir, devices: int = 1, accelerator="cpu",
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(frozen_module(), datamodule=RankRows(ids, val_ids))
+    # float32 weights: the precision plugin makes them float64 ("64-true") or autocasts them ("bf16-mixed")
+    trainer.fit(frozen_module(torch.float32), datamodule=RankRows(ids, val_ids))
     with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
