@@ -6,8 +6,9 @@
 For each context length the prompt is run once (prefill, not timed), then single-token calls continue
 from the returned state: `--rounds` timings of `--steps` tokens, the models taking turns and the fastest
 round counting. Prints ms/token with the ratio to the first (baseline) model, and each model's latency
-relative to its shortest context: flat for a state of constant size (a condenser-only SeqCond), growing
-with the context for attention's KV state. Defaults take about a minute on 2 CPU cores.
+relative to its shortest context: flat for a state of constant size (a condenser-only SeqCond,
+SerriformNet's conv tails and recurrent vectors), growing with the context for attention's KV state.
+Defaults take about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ DEFAULT_MODELS = [
     f"lswt=lswt:debug:{WIDTH},d_vocab=256,d_ff=512,rope_base=10000.0",
     f"seqcond=seqcond:debug:{SEQCOND},seqcond_ratio=3",  # 3 condensers + 1 attention block
     f"condenser-only=seqcond:debug:{SEQCOND},seqcond_ratio=4",  # ratio >= n_layers: no attention block
+    "serriform=serriform:debug:vocab_size=4096,d_model=256,n_layers=5",  # 3.76M parameters, as in train_throughput
 ]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -68,6 +71,84 @@ class GradNormMonitor(L.Callback):
         if self.per_block:
             metrics.update({f"grad_norm/{name}": value.sqrt() for name, value in squared.items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+
+def moe_layer_key(name: str) -> str:
+    """The key of an MoE layer in logs: "blocks.3.moe" -> "layer3", after the block that holds it."""
+    index = re.search(r"\d+", name)
+    return f"layer{index.group()}" if index else name.replace(".", "/")
+
+
+class ExpertUsageMonitor(L.Callback):
+    """Logs how evenly each MoE layer spreads its tokens over its experts, every `every_n_steps` optimizer steps.
+
+    Reads the model's documented monitoring interface: `model.moe_layers()` yields (name, layer) pairs whose
+    `layer.tokens_per_expert` (E,) counts the routed slots of every training forward since the last
+    `layer.reset_counters()`. A model without that method, or without MoE layers, is left alone. The counts
+    are summed over data-parallel ranks, so the fractions are those of every token the step(s) trained on,
+    then reset: each logged value covers the steps since the previous one. Per layer (`moe/layer<i>/...`):
+    `min_fraction` and `max_fraction` of the routed slots an expert received, and `imbalance` = max/mean
+    (1 when perfectly even, E when one expert takes every slot); with a WandbLogger attached, also
+    `tokens_per_expert` as a W&B histogram with one bin per expert. The aux losses themselves are logged
+    by the training module (`train/moe_balance`, `val/moe_balance`, ...).
+
+    Values go straight to the loggers at the step the module's own metrics of that step use, so they are
+    written every `every_n_steps` whatever `trainer.log_every_n_steps` is.
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        """
+        Args:
+            every_n_steps: Log every this many optimizer steps (0 turns the monitor off).
+        """
+        super().__init__()
+        if every_n_steps < 0:
+            raise ValueError(f"expert_usage.every_n_steps={every_n_steps} must be >= 0 (0 turns it off)")
+        self.every_n_steps = every_n_steps
+
+    @staticmethod
+    def moe_layers(pl_module: L.LightningModule) -> list[tuple[str, nn.Module]]:
+        list_layers = getattr(pl_module.model, "moe_layers", None)
+        return list(list_layers()) if callable(list_layers) else []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for _, layer in self.moe_layers(pl_module):
+            layer.reset_counters()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        """Here every micro-batch of the step has run its forward (gradient accumulation included)."""
+        layers = self.moe_layers(pl_module)
+        if not self.every_n_steps or trainer.global_step % self.every_n_steps or not layers:
+            return
+        local = torch.cat([layer.tokens_per_expert.detach().float() for _, layer in layers])  # (sum of E,)
+        counts = trainer.strategy.reduce(local.clone(), reduce_op="sum")  # a collective: every rank calls it
+        for _, layer in layers:
+            layer.reset_counters()
+        if trainer.is_global_zero:
+            fractions = {}
+            sizes = [layer.tokens_per_expert.numel() for _, layer in layers]
+            for (name, _), counts_E in zip(layers, counts.cpu().split(sizes)):
+                if counts_E.sum() > 0:
+                    fractions[moe_layer_key(name)] = counts_E / counts_E.sum()
+            if fractions:
+                self._log(trainer, fractions)
+
+    @staticmethod
+    def _log(trainer: L.Trainer, fractions: dict[str, Tensor]) -> None:
+        scalars = {}
+        for key, fraction_E in fractions.items():
+            scalars[f"moe/{key}/min_fraction"] = fraction_E.min().item()
+            scalars[f"moe/{key}/max_fraction"] = fraction_E.max().item()
+            scalars[f"moe/{key}/imbalance"] = (fraction_E.max() / fraction_E.mean()).item()
+        for logger in trainer.loggers:
+            metrics = dict(scalars)
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                for key, fraction_E in fractions.items():
+                    bins = list(range(len(fraction_E) + 1))  # one bin per expert: [e, e + 1)
+                    metrics[f"moe/{key}/tokens_per_expert"] = wandb.Histogram(np_histogram=(fraction_E.tolist(), bins))
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 class PeriodicCheckpoint(ModelCheckpoint):

@@ -5,7 +5,7 @@ LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top o
 - `--ckpt_path` takes `last`, `auto` (the newest checkpoint of any kind in the run directory, or a
   fresh start when there is none: what a requeued job wants) or a path;
 - always-on callbacks with their own sections: `checkpoint` (ModelCheckpoint, plus the final step), `grad_norm`,
-  `lr_monitor`;
+  `lr_monitor`, `expert_usage` (tokens per expert of MoE models; nothing for the others);
 - files default to the run directory `trainer.default_root_dir`: checkpoints in `<root>/checkpoints`,
   logs in `<root>`, the resolved config in `<root>/config.yaml` (overwritten on resume);
 - the vocabulary size is read from the data and given to the model (`link_arguments`);
@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from platform.data.datamodule import TokenDataModule
 from platform.entry import run_entry_point  # noqa: F401  (the entry points import it from here)
-from platform.training.callbacks import GradNormMonitor, PeriodicCheckpoint
+from platform.training.callbacks import ExpertUsageMonitor, GradNormMonitor, PeriodicCheckpoint
 from platform.training.module import LanguageModelModule
 from platform.training.planner import ClusterShape, check_fits, format_plan, plan_from_config
 from platform.training.requeue import RequeueOnSignal
@@ -90,6 +90,7 @@ class PlatformCLI(LightningCLI):
         )
         parser.add_lightning_class_args(GradNormMonitor, "grad_norm")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(ExpertUsageMonitor, "expert_usage")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_class_arguments(Parallelism, "parallelism", fail_untyped=False)

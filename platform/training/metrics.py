@@ -88,3 +88,30 @@ class AnswerExactMatch(Metric):
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class TokenWeightedMean(Metric):
+    """Mean of per-batch values weighted by each batch's token count, accumulated in float64.
+
+    For losses a model reports per batch (the MoE load-balance loss): each batch's value is already a
+    mean over its tokens, so weighting by tokens gives the mean over the whole evaluation, the same on
+    any number of ranks.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("weighted_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, tokens: Tensor | int) -> None:
+        """value: a scalar for one batch of `tokens` tokens."""
+        tokens = torch.as_tensor(tokens, dtype=torch.float64, device=self.weight.device)
+        self.weighted_sum += value.detach().to(torch.float64) * tokens
+        self.weight += tokens
+
+    def compute(self) -> Tensor:
+        return (self.weighted_sum / self.weight.clamp(min=1)).float()

@@ -2,8 +2,9 @@
 
 One `_shared_step` serves train, validation and test: the model's forward, cross-entropy over the
 non-ignored targets, the model's named aux losses times their configured weights, and token metrics
-(perplexity, accuracy, top-k accuracy) as torchmetrics objects that Lightning syncs and resets. The
-model is built in `configure_model`, so sharded strategies can wrap it before it is materialised.
+(perplexity, accuracy, top-k accuracy; in validation and test also each aux loss as a token-weighted
+mean) as torchmetrics objects that Lightning syncs and resets. The model is built in `configure_model`,
+so sharded strategies can wrap it before it is materialised.
 With `carry_state`, the model's state is carried from one batch to the next (Transformer-XL memory,
 recurrent state): one state per gradient-accumulation slot, detached between steps, kept in the
 checkpoint so a resumed run continues exactly. Optional: warm-started embeddings, the SimCTG aux loss
@@ -23,13 +24,14 @@ from platform.data.tokenizer import check_same_tokenizer
 from platform.models.output import ModelState, state_from_tree, state_to_tree
 from platform.models.registry import config_for, family
 from platform.training.losses import combine_losses, simctg_loss, token_nll
-from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy
+from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy, TokenWeightedMean
 from platform.training.optimizers import WarmupCosine, parameter_groups
 from platform.training.sophia import SophiaG, gauss_newton_bartlett
 from platform.training.strategies import build_for_strategy, named_parameters
 from platform.training.warm_start import WarmStart, warm_start_embeddings
 
 STAGES = ("train", "val", "test")
+EVAL_STAGES = ("val", "test")
 DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0, "simctg": 0.0}
 
 
@@ -85,6 +87,11 @@ class LanguageModelModule(L.LightningModule):
             metrics[f"top{top_k}_acc"] = TokenAccuracy(top_k, ignore_index)
             setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
             setattr(self, f"{stage}_answer_acc", AnswerExactMatch())  # logged for data with answer marks
+        # Evaluation reports each aux loss over the whole evaluation, synced (e.g. `val/moe_balance`);
+        # every aux loss a model returns has a weight here (combine_losses insists), so these cover it.
+        for stage in EVAL_STAGES:
+            aux_metrics = {name: TokenWeightedMean() for name in self.aux_loss_weights}
+            setattr(self, f"{stage}_aux_metrics", nn.ModuleDict(aux_metrics))
         self._carried: dict[str, ModelState] = {}
 
     def configure_model(self) -> None:
@@ -133,7 +140,12 @@ class LanguageModelModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
         self.log(f"{stage}/ce", ce, **log)
         for name, value in aux_losses.items():
-            self.log(f"{stage}/{name}", value, **log)
+            if on_step:
+                self.log(f"{stage}/{name}", value, **log)
+            else:
+                aux_metric = getattr(self, f"{stage}_aux_metrics")[name]
+                aux_metric.update(value, input_ids.numel())  # the aux losses cover every input token
+                self.log(f"{stage}/{name}", aux_metric, on_step=False, on_epoch=True)
         for name, metric in getattr(self, f"{stage}_metrics").items():
             args = (nll_sum, n_tokens) if name == "ppl" else (out.logits, targets)
             if on_step:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from platform.models.layers.moe import MoE, load_balance_loss, router_entropy_loss
 from tests.reference.moe import balance_loss, moe_forward, route_token, router_entropy
@@ -110,6 +111,20 @@ def test_counters_advance_in_training_only_and_reset():
     layer.reset_counters()
     assert layer.tokens_per_expert.sum() == 0
     assert "tokens_per_expert" not in layer.state_dict()  # monitoring, not model state
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_counts_each_token_once(reentrant):
+    """A checkpointed forward is re-run during backward; the counters see only the first run."""
+    layer = make_moe().train()
+    x = torch.randn(3, 7, D, dtype=torch.float64, requires_grad=True)
+    layer(x)[0].sum().backward()
+    plain = layer.tokens_per_expert.clone()
+    layer.reset_counters()
+    y, _ = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant)
+    y.sum().backward()
+    assert plain.sum() == 3 * 7 * K
+    assert torch.equal(layer.tokens_per_expert, plain)
 
 
 def test_every_expert_receives_gradient_when_tokens_are_routed_to_it():

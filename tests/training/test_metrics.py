@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from platform.training.losses import token_nll
-from platform.training.metrics import Perplexity, TokenAccuracy
+from platform.training.metrics import Perplexity, TokenAccuracy, TokenWeightedMean
 
 IGNORE = -100
 
@@ -73,6 +73,16 @@ def test_ignore_index_zero_matches_the_seeds_ignore_zero_metrics(batch):
     nll, n = token_nll(logits, targets, ignore_index=0)
     assert n.item() == keep.sum().item()
     assert (nll / n).item() == pytest.approx(F.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-6)
+
+
+def test_token_weighted_mean_weighs_each_batch_by_its_tokens():
+    """Batches of 6, 2 and 12 tokens: the mean over tokens, not over batches (which would be 2.0)."""
+    metric = TokenWeightedMean()
+    for value, tokens in ((1.0, 6), (4.0, 2), (1.0, 12)):
+        metric.update(torch.tensor(value), tokens)
+    assert metric.compute().item() == pytest.approx((1.0 * 6 + 4.0 * 2 + 1.0 * 12) / 20)
+    metric.reset()
+    assert metric.compute().item() == 0.0
 
 
 class _MetricsOnRanks(L.LightningModule):

@@ -43,6 +43,12 @@ def router_entropy_loss(probs_TE: Tensor) -> Tensor:
     return math.log(probs_TE.shape[-1]) - entropy
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, where activation checkpointing recomputes forwards
+    (torch's own FSDP2 and ModuleTracker tell the backward pass apart the same way)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     """y = sum over the K chosen experts of w_e(x) * expert_e(x), each expert a low-rank FF D -> R -> D.
 
@@ -55,9 +61,11 @@ class MoE(nn.Module):
     and "router_entropy" (`router_entropy_loss`), over every token of the call.
 
     Monitoring: `tokens_per_expert` (E,) float32 counts the routed slots each expert received (K per
-    token). It advances only in training mode (eval, validation and generation never move it), is not
-    saved in checkpoints, counts this process's tokens only (sum across ranks for a global view), and
-    `reset_counters()` zeroes it; a monitoring callback reads and resets it once per logging interval.
+    token). It advances only in training mode (eval, validation and generation never move it), and only
+    in the forward pass: activation checkpointing re-runs forwards during backward (reentrant or not),
+    and a re-run does not count again. It is not saved in checkpoints, counts this process's tokens only
+    (sum across ranks for a global view), and `reset_counters()` zeroes it; a monitoring callback reads
+    and resets it once per logging interval.
     """
 
     def __init__(
@@ -113,7 +121,7 @@ class MoE(nn.Module):
         routing = self.route(x_TD)
         counts_E = torch.bincount(routing.experts_TK.flatten(), minlength=self.n_experts)
         y_TD = self._run_experts(x_TD, routing, counts_E)
-        if self.training:
+        if self.training and not _in_backward():
             with torch.no_grad():
                 self.tokens_per_expert += counts_E
         aux = {
