@@ -67,10 +67,18 @@ class GradNormMonitor(L.Callback):
             return
         squared = dict(zip(squared, all_reduce_squares(torch.stack(list(squared.values())), trainer)))
         total = torch.stack(list(squared.values())).sum().sqrt()
-        metrics = {"train/grad_norm": total}
+        metrics = {"train/grad_norm": total.item()}
         if self.per_block:
-            metrics.update({f"grad_norm/{name}": value.sqrt() for name, value in squared.items()})
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+            metrics.update({f"grad_norm/{name}": value.sqrt().item() for name, value in squared.items()})
+        log_to_loggers(trainer, metrics)
+
+
+def log_to_loggers(trainer: L.Trainer, metrics: dict) -> None:
+    """Straight to the loggers, at the step the module's metrics of this optimizer step use. A value
+    measured every N steps logged through `LightningModule.log` would be written again at every later
+    flush until the next measurement, i.e. at the wrong steps."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def moe_layer_key(name: str) -> str:

@@ -185,3 +185,10 @@ def test_lightning_relaunches_python_m_platform_fit_for_a_second_ddp_rank(tmp_pa
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["world_size"] == 2
     assert state["global_step"] == 3
+
+
+def test_grad_norms_are_logged_only_at_the_steps_they_were_measured(tmp_path, builtin_data):
+    run = tmp_path / "run"
+    fit(quick_fit_args(run, builtin_data, "--grad_norm.every_n_steps", "3", steps=7))
+    steps = [s for s, _ in logged(read_metrics(run), "train/grad_norm")]
+    assert steps == [0, 3, 6]
