@@ -19,11 +19,11 @@ models=(
     --model serriform=serriform:default:vocab_size=32768,d_model=768,n_layers=12
 )
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-run gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests
-run lswt_vs_llama 60 python3 -m benchmarks.lswt_vs_llama --device cuda --dtype bfloat16 --d_model 768 \
+run gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+run lswt_vs_llama 50 python3 -m benchmarks.lswt_vs_llama --device cuda --dtype bfloat16 --d_model 768 \
     --n_layers 12 --n_heads 12 --d_ff 3072 --vocab_size 50272 --seq_len 2048 --batch_size 8 --repeats 3
-run train_throughput 60 python3 -m benchmarks.train_throughput --device cuda --dtype bf16 --batch-size 4 "${models[@]}"
-run decode_latency 60 python3 -m benchmarks.decode_latency --device cuda --dtype bf16 "${models[@]}"
-run self_extend_memory 45 python3 -m benchmarks.self_extend_memory --device cuda --lengths 4096 16384 32768 \
+run train_throughput 50 python3 -m benchmarks.train_throughput --device cuda --dtype bf16 --batch-size 4 "${models[@]}"
+run decode_latency 50 python3 -m benchmarks.decode_latency --device cuda --dtype bf16 "${models[@]}"
+run self_extend_memory 40 python3 -m benchmarks.self_extend_memory --device cuda --lengths 4096 16384 32768 \
     --block-size 2048
-run gpu_strategies 200 python3 -m benchmarks.gpu_strategies --size small --steps 20
+run gpu_strategies 150 python3 -m benchmarks.gpu_strategies --size small --steps 20
