@@ -3,20 +3,15 @@ streams layout, and follows the seed's schedule (ARCHITECTURES.md §3.2-3.3, §5
 
 from __future__ import annotations
 
-import typing
-
 import pytest
 import torch
 
-from platform.data.datamodule import TokenDataModule
 from platform.models import build_model, count_parameters
 from platform.training.cli import PlatformCLI, fit
 from platform.training.optimizers import WarmupCosine
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs" / "lswt").glob("*.yaml"))
-STREAMS = "streams" in typing.get_args(typing.get_type_hints(TokenDataModule.__init__)["layout"])
-needs_streams = pytest.mark.skipif(not STREAMS, reason="the streams data layout is not in platform/data yet")
 
 
 def test_there_is_a_config_for_every_size():
@@ -25,13 +20,9 @@ def test_there_is_a_config_for_every_size():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_config_is_read_by_the_cli_and_builds_its_size(config, builtin_data, tmp_path):
-    # the real data of the large sizes is not here: the built-in corpus stands in; until the streams
-    # layout lands in platform/data, "random" stands in for it (the file is checked before overrides)
-    text = config.read_text()
-    assert "layout: streams" in text
-    readable = tmp_path / config.name
-    readable.write_text(text if STREAMS else text.replace("layout: streams", "layout: random"))
-    args = ["--config", str(readable), "--data.data_dir", str(builtin_data), "--data.source", "builtin"]
+    # the real data of the large sizes is not here: the built-in corpus stands in
+    assert "layout: streams" in config.read_text()
+    args = ["--config", str(config), "--data.data_dir", str(builtin_data), "--data.source", "builtin"]
     cli = PlatformCLI([*args, "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu"])
     module = cli.model
     assert module.hparams.arch == "lswt" and module.hparams.size == config.stem
@@ -54,7 +45,6 @@ def test_the_seed_schedule_is_zero_at_step_0_full_at_2000_and_a_tenth_at_30e9_to
     assert schedule.factor(total) == pytest.approx(0.1)
 
 
-@needs_streams
 @pytest.mark.slow
 def test_the_debug_config_trains_with_the_xl_cache_on_streams(builtin_data, tmp_path):
     run = tmp_path / "run"

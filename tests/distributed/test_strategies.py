@@ -39,8 +39,12 @@ def run_fit(*args: str, **env: str) -> str:
 
 
 def train_rows(run_dir, version: int = 0) -> list[dict]:
+    """One row per training step: the step's metrics and its gradient norms, which are logged separately."""
+    steps: dict[str, dict] = {}
     with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
-        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+        for row in csv.DictReader(f):
+            steps.setdefault(row["step"], {}).update({k: v for k, v in row.items() if v != ""})
+    return [row for row in steps.values() if "train/loss" in row]
 
 
 def two_rank_args(run_dir, data_dir, *extra: str, steps: int = STEPS) -> list[str]:

@@ -76,7 +76,7 @@ def test_dry_run_prints_the_plan_for_a_cluster_shape(capsys):
     args = ["--config", "configs/xl.yaml", "--dry_run", "--cluster.nodes", "4", "--cluster.gpus_per_node", "8"]
     assert run_entry_point(fit, args) == 0
     out = capsys.readouterr().out
-    assert "plan: lswt xl, 7.29B parameters" in out and "32 data-parallel rank(s): 1,048,576 tokens" in out
+    assert "plan: lswt xl, 7.30B parameters" in out and "32 data-parallel rank(s): 1,048,576 tokens" in out
     for row in ("weights", "gradients", "optimizer states", "activations, checkpointing on", "verdict: fits"):
         assert row in out
 
