@@ -39,20 +39,29 @@ class RequeueOnSignal(L.Callback):
     def __init__(self) -> None:
         self.signal_received = False
         self._checked_step = -1
-        self._previous_handler = signal.SIG_DFL
+        self._previous_handler = None  # set while this callback's handler is installed
 
     def _on_signal(self, signum, frame) -> None:
         self.signal_received = True  # nothing else: a signal can arrive in the middle of a collective
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._on_signal)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed here, after the Trainer has recorded the process's handlers (which it restores when a run
+        # ends or fails), so this handler never outlives the run; until now the signal waited, blocked.
+        self._checked_step = trainer.global_step
+        if self._previous_handler is None:
+            self._previous_handler = signal.signal(REQUEUE_SIGNAL, self._on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {REQUEUE_SIGNAL})
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        signal.signal(REQUEUE_SIGNAL, self._previous_handler)
+        self._restore_handler()
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._checked_step = trainer.global_step
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()  # a failed run skips teardown; its handler must not outlive it
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(REQUEUE_SIGNAL, self._previous_handler)
+            self._previous_handler = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Decide only right after an optimizer step: a checkpoint between accumulation micro-batches would

@@ -27,9 +27,21 @@ class SignalAtBatch(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+class FailAtBatch(L.Callback):
+    """Raises at the start of one training batch, as a crashing run would."""
+
+    def __init__(self, batch: int = 1):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            raise RuntimeError(f"batch {self.batch} fails")
+
+
 def test_signal_saves_at_the_next_optimizer_step_not_between_accumulated_batches(tmp_path, builtin_data):
     run = tmp_path / "run"
     callback = '{"class_path": "tests.training.test_requeue.SignalAtBatch", "init_args": {"batch": 0}}'
+    handler_before = signal.getsignal(signal.SIGUSR1)
     cli = fit(
         quick_fit_args(
             run, builtin_data, "--trainer.accumulate_grad_batches", "2", "--trainer.callbacks", callback,
@@ -40,7 +52,16 @@ def test_signal_saves_at_the_next_optimizer_step_not_between_accumulated_batches
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 1
     assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == 2
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the Trainer
+    assert signal.getsignal(signal.SIGUSR1) is handler_before  # the handler is gone with the Trainer
+
+
+def test_a_run_that_fails_restores_the_signal_handler_it_replaced(tmp_path, builtin_data):
+    """Lightning skips teardown when a run raises; the handler must not outlive the failed run."""
+    handler_before = signal.getsignal(signal.SIGUSR1)
+    callback = '{"class_path": "tests.training.test_requeue.FailAtBatch", "init_args": {"batch": 1}}'
+    with pytest.raises(RuntimeError, match="batch 1 fails"):
+        fit(quick_fit_args(tmp_path / "run", builtin_data, "--trainer.callbacks", callback, steps=4))
+    assert signal.getsignal(signal.SIGUSR1) is handler_before
 
 
 def blocked_signals(pid: int) -> int:
