@@ -18,6 +18,22 @@ def token_nll(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tupl
     return nll_sum, (targets != ignore_index).sum()
 
 
+def answer_weighted_ce(
+    logits: Tensor, targets: Tensor, answer_mask: Tensor, answer_weight: float, ignore_index: int = -100
+) -> Tensor:
+    """Cross-entropy with weight `answer_weight` on answer tokens and 1 on the others: sum(w·nll) / sum(w).
+
+    A synthetic task's answer is a few tokens of a long row (a passkey: 3-5 of 256), so plain CE gives
+    retrieval little weight next to the filler; up-weighting them lets a small model learn it in-window.
+    logits (B, T, V), targets (B, T), answer_mask (B, T) bool on target positions.
+    """
+    logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # (B*T, V)
+    nll = F.cross_entropy(logits, targets.flatten(), ignore_index=ignore_index, reduction="none")  # (B*T,)
+    valid = (targets != ignore_index).flatten()
+    weights = torch.where(answer_mask.flatten(), answer_weight, 1.0).to(nll.dtype) * valid  # (B*T,)
+    return (nll * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 def combine_losses(ce: Tensor, aux_losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
     """ce + sum of weight * aux loss. Every aux loss needs a weight: a silent default would hide a
     loss the model reports but training ignores."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from platform.data.tokenizer import check_same_tokenizer
 from platform.models.output import ModelState, state_from_tree, state_to_tree
 from platform.models.registry import config_for, family
-from platform.training.losses import combine_losses, simctg_loss, token_nll
+from platform.training.losses import answer_weighted_ce, combine_losses, simctg_loss, token_nll
 from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy, TokenWeightedMean
 from platform.training.optimizers import WarmupCosine, parameter_groups
 from platform.training.sophia import SophiaG, gauss_newton_bartlett
@@ -51,6 +51,7 @@ class LanguageModelModule(L.LightningModule):
         simctg_margin: float = 0.5,
         warm_start: WarmStart | None = None,
         activation_checkpointing: bool = False,
+        answer_loss_weight: float = 1.0,
     ):
         """
         Args:
@@ -70,8 +71,12 @@ class LanguageModelModule(L.LightningModule):
                 (prepare the data with that directory's tokenizer: `--tokenizer <the same directory>`).
             activation_checkpointing: Recompute each block's activations in backward (set from
                 parallelism.activation_checkpointing).
+            answer_loss_weight: Weight of answer tokens (data with answer marks) in the cross-entropy that is
+                trained on, relative to 1 for every other token; `<stage>/ce` stays the plain mean.
         """
         super().__init__()
+        if answer_loss_weight <= 0:
+            raise ValueError(f"model.answer_loss_weight={answer_loss_weight} must be > 0 (1 trains on plain CE)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         overrides = dict(model_config or {})
         if vocab_size is not None:
@@ -129,11 +134,16 @@ class LanguageModelModule(L.LightningModule):
 
         nll_sum, n_tokens = token_nll(out.logits, targets, self.hparams.ignore_index)
         ce = nll_sum / n_tokens.clamp(min=1)
+        trained_ce = ce
+        answer_weight = self.hparams.answer_loss_weight
+        if answer_weight != 1.0 and "answer_mask" in batch:
+            mask, ignore = batch["answer_mask"], self.hparams.ignore_index
+            trained_ce = answer_weighted_ce(out.logits, targets, mask, answer_weight, ignore)
         aux_losses = dict(out.aux_losses)
         if use_simctg:
             valid = targets != self.hparams.ignore_index
             aux_losses["simctg"] = simctg_loss(out.hidden, valid, self.hparams.simctg_margin)
-        loss = combine_losses(ce, aux_losses, self.aux_loss_weights)
+        loss = combine_losses(trained_ce, aux_losses, self.aux_loss_weights)
 
         on_step, batch_size = stage == "train", input_ids.shape[0]
         log = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step)

@@ -1,7 +1,10 @@
-"""Answer exact match written as plain loops: a row counts when it has an answer token, and is correct when
-every answer token's highest logit is its target. Never imported by platform/."""
+"""Answer exact match and the answer-weighted cross-entropy written as plain loops: a row counts when it
+has an answer token, and is correct when every answer token's highest logit is its target. Never imported by
+platform/."""
 
 from __future__ import annotations
+
+import math
 
 
 def answer_exact_match(logits, targets, answer_mask) -> float:
@@ -19,3 +22,21 @@ def answer_exact_match(logits, targets, answer_mask) -> float:
             ok = ok and best == int(targets[b][t])
         correct += ok
     return correct / max(scored, 1)
+
+
+def answer_weighted_ce(logits, targets, answer_mask, answer_weight: float, ignore_index: int = -100) -> float:
+    """sum(w·nll) / sum(w) over the non-ignored targets, w = answer_weight on answer tokens and 1 elsewhere,
+    nll = log(sum_v exp(logit_v)) - logit_target, in float64."""
+    total = weight_sum = 0.0
+    for b in range(len(targets)):
+        for t in range(len(targets[b])):
+            target = int(targets[b][t])
+            if target == ignore_index:
+                continue
+            row = [float(x) for x in logits[b][t]]
+            top = max(row)
+            nll = top + math.log(sum(math.exp(x - top) for x in row)) - row[target]
+            w = answer_weight if bool(answer_mask[b][t]) else 1.0
+            total += w * nll
+            weight_sum += w
+    return total / weight_sum
