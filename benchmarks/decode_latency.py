@@ -20,6 +20,9 @@ import torch
 
 from benchmarks.common import (
     DTYPES,
+    LSWT_MODEL,
+    SEQCOND_SHAPE,
+    SERRIFORM_MODEL,
     add_common_arguments,
     describe_device,
     growth_rows,
@@ -31,14 +34,12 @@ from benchmarks.common import (
 )
 from platform.models import count_parameters
 
-WIDTH = "vocab_size=4096,d_model=256,n_layers=4,n_heads=4"
-SEQCOND = f"{WIDTH},d_ff=768,num_kv_heads=4,seqcond_heads=8,num_query_heads=4,num_thetas=2,max_seq_len=16384"
 WARMUP = 4  # untimed steps after the prefill
 DEFAULT_MODELS = [
-    f"lswt=lswt:debug:{WIDTH},d_vocab=256,d_ff=512,rope_base=10000.0",
-    f"seqcond=seqcond:debug:{SEQCOND},seqcond_ratio=3",  # 3 condensers + 1 attention block
-    f"condenser-only=seqcond:debug:{SEQCOND},seqcond_ratio=4",  # ratio >= n_layers: no attention block
-    "serriform=serriform:debug:vocab_size=4096,d_model=256,n_layers=5",  # 3.76M parameters, as in train_throughput
+    LSWT_MODEL,
+    f"seqcond=seqcond:debug:{SEQCOND_SHAPE},seqcond_ratio=3",  # 3 condensers + 1 attention block
+    f"condenser-only=seqcond:debug:{SEQCOND_SHAPE},seqcond_ratio=4",  # ratio >= n_layers: no attention block
+    SERRIFORM_MODEL,
 ]
 
 

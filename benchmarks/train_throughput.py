@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     DTYPES,
+    LSWT_MODEL,
+    SEQCOND_SHAPE,
+    SERRIFORM_MODEL,
     add_common_arguments,
     describe_device,
     growth_rows,
@@ -32,15 +35,7 @@ from benchmarks.common import (
 )
 from platform.models import count_parameters
 
-WIDTH = "vocab_size=4096,d_model=256,n_layers=4,n_heads=4"
-DEFAULT_MODELS = [
-    # LSWT's feed-forward is narrowed to 2 * d_model so that both models hold 3.8M parameters.
-    f"lswt=lswt:debug:{WIDTH},d_vocab=256,d_ff=512,rope_base=10000.0",
-    f"seqcond=seqcond:debug:{WIDTH},d_ff=768,num_kv_heads=4,seqcond_ratio=3,seqcond_heads=8,num_query_heads=4,"
-    "num_thetas=2,max_seq_len=8192",
-    # SerriformNet at the same width: 5 blocks (dilations 1, 2, 4, 1, 2) hold 3.76M parameters, 1.4% below LSWT.
-    "serriform=serriform:debug:vocab_size=4096,d_model=256,n_layers=5",
-]
+DEFAULT_MODELS = [LSWT_MODEL, f"seqcond=seqcond:debug:{SEQCOND_SHAPE},seqcond_ratio=3", SERRIFORM_MODEL]
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
