@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO, pause_at_step_callback, process_alive, wait_for
 from tests.distributed.slurm_cluster import INSTALL, LocalSlurm, missing_binaries
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -64,14 +63,6 @@ def submit(slurm: LocalSlurm, template: str, *options: str, overrides: list[str]
     return result.stdout.strip().split(";")[0]
 
 
-def wait_for(condition, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
-
 def wait_until_done(slurm: LocalSlurm, job_id: str, run: Path, timeout: float = 400) -> dict[str, str]:
     def done() -> bool:
         return slurm.job(job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
@@ -115,17 +106,21 @@ def test_multinode_template_completes_with_one_rank_on_each_of_two_nodes(slurm, 
 
 
 def test_usr1_saves_requeues_and_the_restarted_job_resumes_the_same_wandb_run(slurm, tmp_path, builtin_data):
-    run, steps = tmp_path / "run", 60
+    run, steps, gate = tmp_path / "run", 60, tmp_path / "gate"
     loggers = (
         '[{"class_path": "platform.training.loggers.CSVLogger"}, '
         '{"class_path": "platform.training.loggers.WandbLogger", "init_args": {"project": "slurm-test"}}]'
     )
+    pause = pause_at_step_callback(6, gate)  # both ranks wait at step 6 until the signal is on its way
     job = submit(
         slurm, "slurm/single_node.sbatch", "--ntasks-per-node=2",
-        overrides=fit_overrides(run, builtin_data, "--trainer.logger", loggers, steps=steps),
+        overrides=fit_overrides(run, builtin_data, "--trainer.logger", loggers, "--trainer.callbacks+", pause,
+                                steps=steps),
     )  # fmt: skip
-    wait_for(lambda: any((run / "checkpoints").glob("step-*.ckpt")), "the first periodic checkpoint")
+    wait_for(lambda: all((gate / f"reached-{rank}").exists() for rank in (0, 1)), "both ranks at step 6")
     slurm.run("scancel", "--signal=USR1", job)
+    wait_for(lambda: all((gate / f"signalled-{rank}").exists() for rank in (0, 1)), "SIGUSR1 on both ranks")
+    (gate / "hold").unlink()
     info = wait_until_done(slurm, job, run)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
 
@@ -143,11 +138,16 @@ def test_usr1_saves_requeues_and_the_restarted_job_resumes_the_same_wandb_run(sl
 
 def test_bare_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(slurm, tmp_path, builtin_data):
     """`scontrol requeue` sends SIGTERM and nothing is saved then; the periodic checkpoints carry the run."""
-    run, steps = tmp_path / "run", 60
-    overrides = fit_overrides(run, builtin_data, steps=steps)
+    run, steps, gate = tmp_path / "run", 60, tmp_path / "gate"
+    pause = pause_at_step_callback(6, gate)  # held after step 5's checkpoint, until the first attempt is gone
+    overrides = fit_overrides(run, builtin_data, "--trainer.callbacks+", pause, steps=steps)
     job = submit(slurm, "slurm/single_node.sbatch", "--ntasks-per-node=1", overrides=overrides)
-    wait_for(lambda: (run / "checkpoints" / "step-0000005.ckpt").exists(), "the first periodic checkpoint")
+    wait_for(lambda: (gate / "reached-0").exists(), "the run at step 6")
+    assert (run / "checkpoints" / "step-0000005.ckpt").exists()
+    first_attempt = int((gate / "reached-0").read_text())
     slurm.run("scontrol", "requeue", job)
+    wait_for(lambda: not process_alive(first_attempt), "the first attempt to end")
+    (gate / "hold").unlink()  # the restarted attempt passes step 6 without waiting
     info = wait_until_done(slurm, job, run)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     second = logged_steps(run, 1)
