@@ -17,10 +17,10 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from platform.models.registry import build_model, config_for
-from platform.training.losses import token_nll
-from platform.training.planner import ACTIVATION_MODELS, PRECISION_BYTES
-from platform.training.strategies import checkpoint_blocks
+from lctrain.cluster.planner import ACTIVATION_MODELS, PRECISION_BYTES
+from lctrain.cluster.strategies import checkpoint_blocks
+from lctrain.models.registry import build_model, config_for
+from lctrain.training.losses import token_nll
 
 CASES = {"debug": [(8, 256), (4, 1024)], "tiny": [(1, 128), (1, 256), (2, 512)]}
 

@@ -16,14 +16,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from platform.models import build_model
+from lctrain.models import build_model
 
 # The equal-size models the throughput and latency benchmarks compare by default (3.8M parameters each):
 # LSWT's feed-forward narrowed to 2 * d_model, SeqCond at the same width (3 condensers + 1 attention
 # block at seqcond_ratio 3), SerriformNet with 5 blocks (dilations 1, 2, 4, 1, 2; 1.4% below LSWT).
 WIDTH = "vocab_size=4096,d_model=256,n_layers=4,n_heads=4"
 LSWT_MODEL = f"lswt=lswt:debug:{WIDTH},d_vocab=256,d_ff=512,rope_base=10000.0"
-SEQCOND_SHAPE = f"{WIDTH},d_ff=768,num_kv_heads=4,seqcond_heads=8,num_query_heads=4,num_thetas=2,max_seq_len=16384"
+SEQCOND_SHAPE = f"{WIDTH},d_ff=768,n_kv_heads=4,seqcond_heads=8,num_query_heads=4,num_thetas=2,max_seq_len=16384"
 SERRIFORM_MODEL = "serriform=serriform:debug:vocab_size=4096,d_model=256,n_layers=5"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

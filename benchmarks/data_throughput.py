@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from platform.data.corpus import builtin_documents
-from platform.data.datamodule import ResumableLoader, TokenDataModule
-from platform.data.prepare import prepare
-from platform.models.registry import build_model
-from platform.training.losses import token_nll
+from lctrain.data.corpus import builtin_documents
+from lctrain.data.datamodule import ResumableLoader, TokenDataModule
+from lctrain.data.prepare import prepare
+from lctrain.models.registry import build_model
+from lctrain.training.losses import token_nll
 
 
 def prepare_rate(root: Path, inputs: Path, name: str, **kwargs) -> float:

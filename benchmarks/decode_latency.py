@@ -32,7 +32,7 @@ from benchmarks.common import (
     seconds,
     setup,
 )
-from platform.models import count_parameters
+from lctrain.models import count_parameters
 
 WARMUP = 4  # untimed steps after the prefill
 DEFAULT_MODELS = [

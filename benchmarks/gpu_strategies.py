@@ -35,10 +35,10 @@ def run_case(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from platform.data.datamodule import TokenDataModule
-    from platform.training.module import LanguageModelModule
-    from platform.training.planner import GiB, Layout, plan_memory
-    from platform.training.strategies import Parallelism, build_strategy
+    from lctrain.cluster.planner import GiB, Layout, plan_memory
+    from lctrain.cluster.strategies import Parallelism, build_strategy
+    from lctrain.data.datamodule import TokenDataModule
+    from lctrain.training.module import LanguageModelModule
 
     cuda = args.accelerator == "gpu"
 

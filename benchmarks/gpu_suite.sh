@@ -16,7 +16,7 @@ run() {  # name, seconds, command...
 models=(
     --model lswt=lswt:tiny:vocab_size=32768,rope_base=10000.0,d_ff=1024
     --model seqcond=seqcond:small:vocab_size=32768,seqcond_ratio=3,max_seq_len=16384
-    --model serriform=serriform:default:vocab_size=32768,d_model=768,n_layers=12
+    --model serriform=serriform:tiny:vocab_size=32768,d_model=768,n_layers=12
 )
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 run gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests

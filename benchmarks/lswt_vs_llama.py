@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from platform.models import build_model, count_parameters
+from lctrain.models import build_model, count_parameters
 
 
 def lswt(args: argparse.Namespace, n_registers: int = 0) -> torch.nn.Module:

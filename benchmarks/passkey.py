@@ -1,4 +1,4 @@
-"""Passkey retrieval past the trained context, with and without SelfExtend (ARCHITECTURES.md §2.1, §2.3, §5.13).
+"""Passkey retrieval past the trained context, with and without SelfExtend (docs/architectures.md).
 
 Trains a small RoPE model on passkey examples of L_pre tokens (`platform.fit` with configs/passkey/lswt.yaml),
 writes evaluation sets at 1x, 2x, 4x and 8x L_pre with the key at fixed depths (`platform.prepare` with
@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import markdown_table
-from platform.data.datamodule import TokenDataModule
-from platform.data.prepare import prepare_cli
-from platform.data.shards import INDEX
-from platform.models.registry import count_parameters
-from platform.models.self_extend import SelfExtendConfig
-from platform.training.cli import fit
-from platform.training.inference import checkpoint_file, load_model
-from platform.training.losses import token_nll
-from platform.training.metrics import AnswerExactMatch
+from lctrain.data.datamodule import TokenDataModule
+from lctrain.data.prepare import prepare_cli
+from lctrain.data.shards import INDEX
+from lctrain.inference import checkpoint_file, load_model
+from lctrain.models.layers.self_extend import SelfExtendConfig
+from lctrain.models.registry import count_parameters
+from lctrain.training.cli import fit
+from lctrain.training.losses import token_nll
+from lctrain.training.metrics import AnswerExactMatch
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def score(model: torch.nn.Module, data_dir: Path, length: int, depths: list[floa
 
 
 def largest_distance(method: Method, n: int) -> int:
-    """The largest relative position the attention uses on n tokens (ARCHITECTURES.md §2.1)."""
+    """The largest relative position the attention uses on n tokens (docs/architectures.md)."""
     if method.self_extend is None:
         return n - 1
     G, W = method.self_extend.group_size, method.self_extend.window_size

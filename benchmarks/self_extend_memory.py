@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from platform.models.layers.attention import attention
-from platform.models.layers.rope import rotate
-from platform.models.self_extend import self_extend_attention
+from lctrain.models.layers.attention import attention
+from lctrain.models.layers.rope import rotate
+from lctrain.models.layers.self_extend import self_extend_attention
 
 KINDS = ("replacement", "two_pass", "plain_sdpa")
 

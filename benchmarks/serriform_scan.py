@@ -1,4 +1,4 @@
-"""Benchmark: SerriformNet's parallel scan against the step loop it replaces (ARCHITECTURES.md §4.5).
+"""Benchmark: SerriformNet's parallel scan against the step loop it replaces (docs/architectures.md).
 
 The original ran h_t = alpha * h_{t-1} + beta * x_t as a Python loop over time; `linear_scan`
 (platform/models/layers/scan.py) solves it with chunked matmuls. Both run in the same process on the
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from platform.models.layers.scan import linear_scan
+from lctrain.models.layers.scan import linear_scan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

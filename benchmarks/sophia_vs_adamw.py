@@ -15,12 +15,12 @@ import csv
 import tempfile
 from pathlib import Path
 
-from platform.training.cli import fit
+from lctrain.training.cli import fit
 
 DEFAULT_OPTIMIZERS = [
     "AdamW lr 3e-3=torch.optim.AdamW:lr=3e-3,weight_decay=0.1",
-    "SophiaG lr 1e-3=platform.training.sophia.SophiaG:lr=1e-3,rho=0.04,weight_decay=0.1",
-    "SophiaG lr 3e-4=platform.training.sophia.SophiaG:lr=3e-4,rho=0.04,weight_decay=0.1",
+    "SophiaG lr 1e-3=lctrain.training.sophia.SophiaG:lr=1e-3,rho=0.04,weight_decay=0.1",
+    "SophiaG lr 3e-4=lctrain.training.sophia.SophiaG:lr=3e-4,rho=0.04,weight_decay=0.1",
 ]
 
 

@@ -33,7 +33,7 @@ from benchmarks.common import (
     seconds,
     setup,
 )
-from platform.models import count_parameters
+from lctrain.models import count_parameters
 
 DEFAULT_MODELS = [LSWT_MODEL, f"seqcond=seqcond:debug:{SEQCOND_SHAPE},seqcond_ratio=3", SERRIFORM_MODEL]
 

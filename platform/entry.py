@@ -1,5 +1,5 @@
-"""How entry points (`python -m platform.fit`, `.prepare`, `.generate`) report a user's error: one
-`error: ...` line on stderr and exit code 2, without a traceback (STYLE.md 2.7).
+"""How entry points (`lctrain fit`, `python -m platform.fit`, ...) report a user's error: one
+`error: ...` line on stderr and exit code 2, without a traceback.
 
 Kept apart from the training CLI so that light commands (prepare) do not import Lightning to start.
 """
@@ -23,12 +23,17 @@ def raised_by_platform(exc: BaseException) -> bool:
     return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PLATFORM_DIR)
 
 
+def one_line(message: str) -> str:
+    """A parser's message, whose reason often follows on indented lines, as one line."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def run_entry_point(main, args: list[str] | None = None) -> int:
     """Run an entry point; user errors become one line on stderr and exit code 2."""
     try:
         main(args)
     except ArgumentError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except USER_ERRORS as e:
         if not raised_by_platform(e):

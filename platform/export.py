@@ -6,8 +6,13 @@ Writes one file with the model weights, hyper-parameters and tokenizer, which `p
 
 import sys
 
-from platform.training.cli import run_entry_point
-from platform.training.consolidate import export_cli
+
+def main(args: list[str] | None = None) -> int:
+    from lctrain.cluster.consolidate import export_cli
+    from lctrain.entry import run_entry_point
+
+    return run_entry_point(export_cli, args)
+
 
 if __name__ == "__main__":
-    sys.exit(run_entry_point(export_cli))
+    sys.exit(main())

@@ -8,14 +8,14 @@ import signal
 import sys
 
 
-def main() -> int:
-    # SIGUSR1 asks a running job to save and requeue (platform/training/requeue.py). Until the Trainer has
-    # installed that handler the signal's default action would kill the process, so it waits pending; this
-    # runs before the seconds of imports below.
+def main(args: list[str] | None = None) -> int:
+    # SIGUSR1 asks a running job to save and requeue (cluster/requeue.py). Until the Trainer has installed
+    # that handler the signal's default action would kill the process, so it waits pending; this runs
+    # before the seconds of imports below.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
-    from platform.training.cli import fit, run_entry_point
+    from lctrain.training.cli import fit, run_entry_point
 
-    return run_entry_point(fit)
+    return run_entry_point(fit, args)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ model's state (no prefix is re-run), so this works the same for every architectu
 
 import sys
 
-from platform.training.cli import run_entry_point
-from platform.training.inference import generate_cli
+
+def main(args: list[str] | None = None) -> int:
+    from lctrain.entry import run_entry_point
+    from lctrain.inference.generation import generate_cli
+
+    return run_entry_point(generate_cli, args)
+
 
 if __name__ == "__main__":
-    sys.exit(run_entry_point(generate_cli))
+    sys.exit(main())

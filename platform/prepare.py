@@ -7,9 +7,14 @@ Turns local text, jsonl or parquet files, the built-in corpus or a synthetic tas
 import logging
 import sys
 
-from platform.data.prepare import prepare_cli
-from platform.entry import run_entry_point
+
+def main(args: list[str] | None = None) -> int:
+    from lctrain.data.prepare import prepare_cli
+    from lctrain.entry import run_entry_point
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_entry_point(prepare_cli, args)
+
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(run_entry_point(prepare_cli))
+    sys.exit(main())

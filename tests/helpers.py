@@ -1,5 +1,5 @@
-"""What several test files share: the repository path, a free port, quick-run arguments, and a gate that
-holds a run at a chosen step until the test lets it go.
+"""What several test files share: the repository path, a free port, quick-run arguments, the configuration a
+command line resolves to, and a gate that holds a run at a chosen step until the test lets it go.
 
 Kept apart from conftest.py (which holds fixtures only): pytest loads conftest.py itself, and a module
 imported under two names would run twice.
@@ -7,14 +7,30 @@ imported under two names would run twice.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import time
 from pathlib import Path
 
 import lightning as L
+import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def resolved_config(args: list[str]) -> dict:
+    """The configuration `python -m platform.fit <args> --print_config` prints (stacked `--config` files
+    merged, the model's config resolved to its size), read back as a dict; nothing is built or trained."""
+    from lctrain.training.cli import fit
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        fit([*args, "--print_config"])
+    assert exit_.value.code in (0, None), out.getvalue()
+    return yaml.safe_load(out.getvalue())
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 INSTRUCTIONS = {
     "FROM", "ARG", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
@@ -54,7 +54,8 @@ def test_dockerfile_names_cuda_pytorch_extras_slurm_client_and_the_repository():
     assert "-r requirements.txt" in pip
     for requirement in extras:
         assert f'"{requirement}"' in pip, requirement  # the extras, spelled as in pyproject.toml
-    assert not re.search(r"pip install[^&]*\s(-e\s+)?\.(\s|$)", pip)  # never installed: run from the checkout
+    # the checkout is installed in place, without dependencies, after the copy: `lctrain` and `python -m platform`
+    assert "--no-deps -e ." in pip and runs.index(next(r for r in runs if "-e ." in r)) == len(runs) - 1
 
     workdir = next(a for k, a in instructions if k == "WORKDIR")
     assert ("COPY", ". .") in instructions and workdir == "/workspace/lctrain"

@@ -1,4 +1,4 @@
-"""`TokenDataModule`: streams batches of prepared token shards, and resumes exactly (DESIGN.md §3-4).
+"""`TokenDataModule`: streams batches of prepared token shards, and resumes exactly (docs/design.md).
 
 A batch is `{"input_ids": (B, T), "targets": (B, T)}` int64: a row of T + 1 tokens is cut into inputs
 (its first T) and targets (its last T). This is the only place the next-token shift happens; targets
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from platform.data.layouts import LAYOUTS, Documents, Geometry, Layout, Streams, TokenStream, make_layout
-from platform.data.shards import INDEX, TokenShards
-from platform.data.tokenizer import ByteTokenizer
+from .layouts import LAYOUTS, Documents, Geometry, Layout, Streams, TokenStream, make_layout
+from .shards import INDEX, TokenShards
+from .tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 def build_builtin_corpus(data_dir: str | Path) -> None:
     """Tokenize the built-in corpus byte by byte into `data_dir` (train/val split by document)."""
-    from platform.data.prepare import prepare
+    from .prepare import prepare
 
     prepare(output=str(data_dir), builtin=True, overwrite=True, progress=False)
 
@@ -207,7 +207,7 @@ class TokenDataModule(L.LightningDataModule):
         if source == "builtin":
             build_builtin_corpus(self.hparams.data_dir)
         else:
-            from platform.data.prepare import prepare_from_config
+            from .prepare import prepare_from_config
 
             prepare_from_config(source, output=self.hparams.data_dir)
 

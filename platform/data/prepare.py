@@ -1,4 +1,4 @@
-"""`prepare`: raw text or a synthetic task -> token shards with an index, written atomically (DESIGN.md §3).
+"""`prepare`: raw text or a synthetic task -> token shards with an index, written atomically (docs/design.md).
 
 Sources: local text, jsonl and parquet files (through `datasets`, offline), the built-in corpus, or a
 synthetic task (passkey, MQAR, copy). Documents are split into train and validation by document,
@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from platform.data.corpus import builtin_documents, split_stream
-from platform.data.shards import INDEX, ShardWriter, atomic_directory, token_dtype, write_index
-from platform.data.sources import TextUnit, find_files, read_documents
-from platform.data.tasks import CopyTask, MQARTask, PasskeyTask
-from platform.data.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_path, train_bpe
+from .corpus import builtin_documents, split_stream
+from .shards import INDEX, ShardWriter, atomic_directory, token_dtype, write_index
+from .sources import TextUnit, find_files, read_documents
+from .tasks import CopyTask, MQARTask, PasskeyTask
+from .tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_path, train_bpe
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ for vocabularies above 65536) token ids in which documents follow each other, ea
 tokenizer's end-of-text id. Synthetic tasks add, per shard, a uint8 array of the same length that is 1
 on answer tokens. The index records token counts, dtype, tokenizer, vocab size and sha256 checksums.
 
-Why not a streaming library's format (litdata, DESIGN.md §4): litdata pulls in torchvision, which breaks
+Why not a streaming library's format (litdata, docs/design.md): litdata pulls in torchvision, which breaks
 the pinned CPU torch, and the "streams" layout and exact resume need control over which block each row
 reads. Reading a flat array is a memory map and a slice, which any number of ranks and workers share for
 free; it is also what nanoGPT, Megatron and OLMo use for pre-tokenized text.

@@ -2,7 +2,7 @@
 recall (MQAR) and copy.
 
 Each task writes documents of token ids with a mask of the answer tokens, so evaluation can score
-exact-match accuracy on them (DESIGN.md §3). Example i of a split is drawn from its own generator
+exact-match accuracy on them (docs/design.md). Example i of a split is drawn from its own generator
 seeded with (seed, split, i): the same seed gives the same examples, whatever else changes. Passkey is
 text (filler sentences, any tokenizer); MQAR and copy are sequences of symbol ids
 `first_id ... first_id + vocab - 1` plus a separator `first_id + vocab` (33 = '!' keeps them printable
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from platform.data.tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 Example = tuple[list[int], list[int]]  # token ids (without the end-of-text id) and their answer mask (0/1)
 SPLITS = ("train", "val")

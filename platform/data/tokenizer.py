@@ -1,6 +1,6 @@
 """Tokenizers the platform prepares data with and rebuilds from a shard index or a checkpoint.
 
-Three kinds (DESIGN.md §3): the byte-level tokenizer (built in, no files), a local `tokenizer.json` or
+Three kinds (docs/design.md): the byte-level tokenizer (built in, no files), a local `tokenizer.json` or
 Hugging Face tokenizer directory, and a byte-level BPE trained on the input with `tokenizers`. The last
 two are both a `tokenizers.Tokenizer`, and their spec embeds its JSON, so a checkpoint alone is enough
 to rebuild them (`python -m platform.generate` works without the data directory).

@@ -1,6 +1,16 @@
 """Models: plain `torch.nn.Module`s behind one contract; nothing here imports Lightning."""
 
-from platform.models.output import ModelOutput, ModelState
-from platform.models.registry import build_model, config_for, count_parameters, list_models, list_sizes
+from .output import ModelOutput, ModelState
+from .registry import build_model, config_for, count_parameters, list_models, list_sizes
+from .spec import ModelSpec
 
-__all__ = ["ModelOutput", "ModelState", "build_model", "config_for", "count_parameters", "list_models", "list_sizes"]
+__all__ = [
+    "ModelOutput",
+    "ModelSpec",
+    "ModelState",
+    "build_model",
+    "config_for",
+    "count_parameters",
+    "list_models",
+    "list_sizes",
+]

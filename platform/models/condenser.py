@@ -1,4 +1,4 @@
-"""The sequence condenser: SeqCond's token mixer (ARCHITECTURES.md §1.1, design "G3", with §0's relative decay).
+"""The sequence condenser: SeqCond's token mixer (docs/architectures.md, design "G3", with §0's relative decay).
 
 Each memory head keeps, per channel, a weighted empirical characteristic function of its squashed keys,
 sampled at M learned frequencies; query heads read it with a complex inner product. It is a linear
@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from platform.models.layers.norm import RMSNorm
-from platform.models.output import ModelState
-
-if TYPE_CHECKING:
-    from platform.models.seqcond import SeqCondConfig
+from .contract import exclude_from_weight_decay
+from .layers.norm import RMSNorm
+from .output import ModelState, zero_rows
+from .seqcond_config import SeqCondConfig
 
 THETA_MIN, THETA_MAX = 0.001, 3.0  # frequency grid bounds in radians per unit of squashed key (§1.1 step 4)
 WEIGHT_MIN, WEIGHT_MAX = 1e-4, 5000.0  # token weight clip (§1.1 step 7)
@@ -36,6 +34,10 @@ class CondenserState(ModelState):
     re: Tensor  # (B, K, H, M) fp32: decayed weighted sum of k cos(phi)
     im: Tensor  # (B, K, H, M) fp32: decayed weighted sum of k sin(phi)
     position: Tensor  # (B,) int64: tokens seen by each row (rows may differ)
+
+    def reset_rows(self, reset: Tensor) -> CondenserState:
+        """Rows where `reset` (B,) is True start over: an empty conv tail, empty sums and position 0."""
+        return self.map_tensors(lambda t: zero_rows(t, reset))
 
 
 def decayed_prefix_sum(values: Tensor, log_decay: Tensor, initial: Tensor | None, chunk_size: int) -> Tensor:
@@ -97,6 +99,16 @@ class SequenceCondenser(nn.Module):
         self.readout = nn.Parameter(torch.empty(K, 2 * H, 2 * E))
         self.out = nn.Linear(K * E, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        # The frequency grid, its quadrature and the per-head scalars set where and how the keys are sampled;
+        # decay toward 0 would drag them off their designed init (frequencies toward the middle of the range).
+        exclude_from_weight_decay(
+            self.theta_raw,
+            self.integration_raw,
+            self.decay_raw,
+            self.score_scale,
+            self.score_bias,
+            self.phase_scale,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

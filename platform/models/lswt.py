@@ -1,4 +1,4 @@
-"""LSWT, the Long-Short-Working Transformer (ARCHITECTURES.md §0 and §3; seed 002).
+"""LSWT, the Long-Short-Working Transformer (docs/architectures.md; seed 002).
 
 A pre-norm Transformer whose token embedding lives in its own width (`d_vocab`) with projections
 to and from `d_model`, tied input/output embeddings, SwiGLU feed-forward layers and RoPE attention
@@ -12,15 +12,17 @@ stream. `self_extend` switches every attention layer to SelfExtend without chang
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import Tensor, nn
 
-from platform.models.layers.attention import Backend, CausalSelfAttention, KVState
-from platform.models.layers.feed_forward import SwiGLU
-from platform.models.layers.norm import RMSNorm
-from platform.models.layers.rope import RotaryScaling
-from platform.models.output import ModelOutput, ModelState
-from platform.models.self_extend import SelfExtendConfig, as_self_extend_config
+from .layers.attention import Backend, CausalSelfAttention, KVState
+from .layers.feed_forward import SwiGLU
+from .layers.norm import LayerNorm, RMSNorm
+from .layers.rope import RotaryScaling
+from .layers.self_extend import SelfExtendConfig, as_self_extend_config
+from .output import ModelOutput, ModelState
+from .seed_names import rename
 
 
 @dataclasses.dataclass
@@ -107,6 +109,26 @@ class LSWTConfig:
         return RotaryScaling(self.rope_ntk_scale, positions, self.rope_yarn_a, self.rope_yarn_b)
 
 
+# The seed's LSWTConfig names (docs/architectures.md) for fields named as in the other families here: its own
+# fields, then the attribute_map of its Hugging Face config. `from_seed_names` accepts them.
+SEED_NAMES = {
+    "d_ffn": "d_ff",
+    "rope_base_freq": "rope_base",
+    "enable_bias": "bias",
+    "hidden_size": "d_model",
+    "num_attention_heads": "n_heads",
+    "num_hidden_layers": "n_layers",
+    "intermediate_size": "d_ff",
+    "max_position_embeddings": "rope_positions",
+}
+
+
+def from_seed_names(overrides: dict[str, Any]) -> dict[str, Any]:
+    """LSWTConfig fields from overrides that may use the seed's names (d_ffn, rope_base_freq, enable_bias, and
+    the Hugging Face attribute_map's hidden_size, ...); a field given under two names is an error naming both."""
+    return rename(overrides, SEED_NAMES, "lswt")
+
+
 @dataclasses.dataclass(frozen=True)
 class LSWTState(ModelState):
     layers: list[KVState]  # one per block: keys/values (B, H, M, Dh), M <= cache_len when cache_len > 0
@@ -123,7 +145,7 @@ class LSWTBlock(nn.Module):
 
     def __init__(self, config: LSWTConfig):
         super().__init__()
-        self.attention_norm = nn.LayerNorm(config.d_model)
+        self.attention_norm = LayerNorm(config.d_model)
         self.attention = CausalSelfAttention(
             config.d_model,
             config.n_heads,
@@ -136,7 +158,7 @@ class LSWTBlock(nn.Module):
             rope_scaling=config.rope_scaling,
             backend=config.attention_backend,
         )
-        self.feed_forward_norm = nn.LayerNorm(config.d_model)
+        self.feed_forward_norm = LayerNorm(config.d_model)
         self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -153,9 +175,9 @@ class LSWT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_vocab)
         self.input_proj = nn.Linear(config.d_vocab, config.d_model, bias=False)
-        self.input_norm = nn.LayerNorm(config.d_model)
+        self.input_norm = LayerNorm(config.d_model)
         self.blocks = nn.ModuleList(LSWTBlock(config) for _ in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.d_model)
+        self.norm = LayerNorm(config.d_model)
         self.output_proj = nn.Linear(config.d_model, config.d_vocab, bias=False)
         self.init_weights()
 
@@ -172,6 +194,10 @@ class LSWT(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, CausalSelfAttention):
                 module.reset_registers()
+
+    def moe_layers(self) -> list[tuple[str, nn.Module]]:
+        """None: LSWT has no mixture-of-experts stage (the contract asks every model)."""
+        return []
 
     def forward(self, input_ids: Tensor, state: LSWTState | None = None, *, return_hidden: bool = False) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""

@@ -3,7 +3,7 @@
 A model takes token ids and an optional state, and returns logits, a *new* state and its named,
 unweighted auxiliary losses. Training, prefill and decoding all go through this one call, so a
 full forward over T tokens equals a prefill of k tokens followed by T - k one-token calls that pass
-the returned state along (STYLE.md 2.2).
+the returned state along. contract.py declares it, with what else the trainer uses.
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ class ModelState:
         return self.map_tensors(move)
 
 
+def zero_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t (B, ...) with the rows where `rows` (B,) is True set to zero: the fresh start of a sum, tail or count."""
+    rows = rows.to(t.device).view(-1, *[1] * (t.ndim - 1))  # (B, 1, ...)
+    return torch.where(rows, torch.zeros_like(t), t)
+
+
 def state_to_tree(value: Any) -> Any:
     """A state as nested dicts, lists, tensors and numbers, which a weights-only checkpoint load
     accepts; each state records its class so `state_from_tree` can rebuild it."""
@@ -67,6 +73,9 @@ def state_from_tree(tree: Any) -> Any:
         return [state_from_tree(v) for v in tree]
     if isinstance(tree, dict) and "__state__" in tree:
         module_name, qualname = tree["__state__"].split(":")
+        package = __package__.split(".")[0]  # "lctrain"
+        if module_name.split(".")[0] == "platform":  # checkpoints written before the package was named lctrain
+            module_name = package + module_name.removeprefix("platform")
         cls = importlib.import_module(module_name)
         for part in qualname.split("."):
             cls = getattr(cls, part)

@@ -1,29 +1,36 @@
 """Named sizes per architecture: ("lswt", "tiny") -> LSWTConfig(...) -> LSWT.
 
-Each family keeps its size table beside its config (`SIZES` in its module); this file lists the
-families, turns a name plus overrides into a config, and builds models.
+Each family keeps its size table beside its config (`SIZES` in its module), its names drawn from one
+vocabulary (SIZE_NAMES), and one converter of the seed's own parameter names (`from_seed_names`); this file
+lists the families, turns a name plus overrides into a config, and builds models.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from platform.models import lswt, seqcond, serriform
+from . import lswt, seqcond, seqcond_config, serriform
+
+# The size names every family draws from, smallest first (a family need not have each): debug trains in seconds
+# on a CPU; the others follow LSWT's seed table (tiny 153M, small 343M, medium 949M, large 2.5B, xl 7.3B, xxl 13B).
+SIZE_NAMES = ("debug", "tiny", "small", "medium", "large", "xl", "xxl")
 
 
 class Family(NamedTuple):
     config: type  # the family's config dataclass
     model: type[nn.Module]
     sizes: dict[str, dict[str, Any]]  # size name -> overrides of the config's defaults
+    from_seed_names: Callable[[dict[str, Any]], dict[str, Any]]  # the seed's parameter names -> the config's
 
 
 FAMILIES: dict[str, Family] = {
-    "lswt": Family(lswt.LSWTConfig, lswt.LSWT, lswt.SIZES),
-    "serriform": Family(serriform.SerriformConfig, serriform.SerriformNet, serriform.SIZES),
-    "seqcond": Family(seqcond.SeqCondConfig, seqcond.SeqCond, seqcond.SIZES),
+    "lswt": Family(lswt.LSWTConfig, lswt.LSWT, lswt.SIZES, lswt.from_seed_names),
+    "serriform": Family(serriform.SerriformConfig, serriform.SerriformNet, serriform.SIZES, serriform.from_seed_names),
+    "seqcond": Family(seqcond.SeqCondConfig, seqcond.SeqCond, seqcond.SIZES, seqcond_config.from_seed_names),
 }
 
 
@@ -43,10 +50,12 @@ def list_models() -> list[tuple[str, str]]:
 
 
 def config_for(arch: str, size: str = "debug", **overrides: Any):
-    """The config of a named size with some fields replaced; unknown names and keys are errors."""
+    """The config of a named size with some fields replaced, by their names or the seed's (the family's
+    `from_seed_names`); unknown names and keys, and a field given under two names, are errors."""
     fam = family(arch)
     if size not in fam.sizes:
         raise ValueError(f"unknown size '{size}' for {arch}; choose one of: {', '.join(fam.sizes)}")
+    overrides = fam.from_seed_names(overrides)
     fields = {f.name for f in dataclasses.fields(fam.config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

@@ -1,6 +1,6 @@
-"""SeqCond, the Sequence Condenser hybrid (ARCHITECTURES.md §0 and §1; seed 000).
+"""SeqCond, the Sequence Condenser hybrid (docs/architectures.md; seed 000).
 
-A stack of pre-norm residual blocks: most are sequence condensers (platform/models/condenser.py, no
+A stack of pre-norm residual blocks: most are sequence condensers (condenser.py, no
 feed-forward), and every (seqcond_ratio + 1)-th is a Transformer block with RoPE attention (GQA, optional
 parameter-free QK-norm) and a gated feed-forward layer (§1.2). Tied embeddings initialised with std
 1/sqrt(d_model) and an optional final RMSNorm (on by default) replace the original's N(0, 1) embedding.
@@ -13,144 +13,14 @@ import warnings
 
 from torch import Tensor, nn
 
-from platform.models.condenser import CondenserState, SequenceCondenser
-from platform.models.layers.attention import CausalSelfAttention, KVState
-from platform.models.layers.feed_forward import SwiGLU
-from platform.models.layers.norm import RMSNorm
-from platform.models.output import ModelOutput, ModelState
-from platform.models.self_extend import SelfExtendConfig, as_self_extend_config
+from .condenser import CondenserState, SequenceCondenser
+from .layers.attention import CausalSelfAttention, KVState
+from .layers.feed_forward import SwiGLU
+from .layers.norm import RMSNorm
+from .output import ModelOutput, ModelState
+from .seqcond_config import SeqCondConfig
 
-# The seed README's factory names for the project's common ones; either may be given, the seed name wins.
-SEED_NAMES = {"num_layers": "n_layers", "num_heads": "n_heads", "maxlen": "max_seq_len"}
-
-
-@dataclasses.dataclass
-class SeqCondConfig:
-    vocab_size: int = 100300
-    """Number of token ids the embedding holds (100300: cl100k plus chat tokens, as the original)."""
-    d_model: int = 256
-    """Width of the residual stream."""
-    d_ff: int = 768
-    """Feed-forward width after gating in the Transformer blocks."""
-    n_layers: int = 12
-    """Number of blocks, condensers and Transformer blocks together (seed name: num_layers)."""
-    n_heads: int = 8
-    """Attention heads of the Transformer blocks; head_dim = d_model // n_heads (seed name: num_heads)."""
-    max_seq_len: int = 1024
-    """Trained context length (seed name: maxlen). Longer inputs still run, with a warning; nothing is sized by it."""
-    seqcond_ratio: int = 3
-    """Condensers per Transformer block: layer i is a Transformer block iff (i + 1) % (seqcond_ratio + 1) == 0."""
-    num_kv_heads: int | None = None
-    """Key/value heads of the attention (GQA); None uses n_heads."""
-    qk_norm: bool = False
-    """Parameter-free RMS normalisation of every query and key head in the attention."""
-    seqcond_heads: int | None = None
-    """Memory heads K of each condenser; None uses n_heads."""
-    num_query_heads: int | None = None
-    """Query heads of each condenser, each reading seqcond_heads // num_query_heads memory heads; None uses K."""
-    num_thetas: int = 4
-    """Frequencies M at which each condenser channel samples its characteristic function."""
-    expand_factor: float = 2.0
-    """Condenser width d_model * expand_factor, split into K heads of M frequencies (H channels per head)."""
-    out_expand_factor: int = 3
-    """Readout width per condenser head, in multiples of its H channels."""
-    num_anchor_heads: int = 0
-    """The last memory heads weigh token s by exp(-lambda s) (favouring the start) instead of exp(-lambda (t - s))."""
-    use_conv: bool = True
-    """Causal depthwise conv before the condensation (otherwise only the SiLU)."""
-    conv_kernel_size: int = 4
-    """Taps of that conv: each token sees conv_kernel_size - 1 previous ones; decoding keeps as many."""
-    chunk_size: int = 64
-    """Tokens per chunk of the condenser's parallel scan: work per token grows with it, Python steps shrink."""
-    use_square_matrix: bool = False
-    """Compute each condenser call with one masked T x T matrix (O(T^2) memory, the original's option)."""
-    use_final_norm: bool = True
-    """RMSNorm before the LM head (the original has none; it keeps initial logits near unit scale)."""
-    tie_weights: bool = True
-    """Use the token embedding as the LM head."""
-    dropout: float = 0.0
-    """Dropout on each residual branch during training."""
-    self_extend: SelfExtendConfig | None = None
-    """SelfExtend in the Transformer blocks' attention ({group_size, window_size, ...}); None: plain RoPE."""
-    num_layers: int | None = None
-    """Seed name of n_layers; when given it sets n_layers."""
-    num_heads: int | None = None
-    """Seed name of n_heads; when given it sets n_heads."""
-    maxlen: int | None = None
-    """Seed name of max_seq_len; when given it sets max_seq_len."""
-
-    def __post_init__(self) -> None:
-        self.self_extend = as_self_extend_config(self.self_extend)
-        for seed_name, name in SEED_NAMES.items():
-            if getattr(self, seed_name) is not None:
-                setattr(self, name, getattr(self, seed_name))
-                setattr(self, seed_name, None)  # one source of truth, so dataclasses.replace stays correct
-        for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "max_seq_len", "num_thetas"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
-        for name in ("conv_kernel_size", "chunk_size", "out_expand_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
-        if self.seqcond_ratio < 0:
-            raise ValueError(f"model.seqcond_ratio={self.seqcond_ratio} must be >= 0 (0 makes every block attention)")
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} into an even "
-                "head_dim (RoPE rotates pairs); pick n_heads so that d_model // n_heads is even"
-            )
-        if self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is not divisible by model.num_kv_heads={self.kv_heads}; "
-                "pick num_kv_heads from the divisors of n_heads"
-            )
-        if self.memory_heads % self.query_heads:
-            raise ValueError(
-                f"model.seqcond_heads={self.memory_heads} is not divisible by model.num_query_heads="
-                f"{self.query_heads}; pick num_query_heads from the divisors of seqcond_heads"
-            )
-        if not 0 <= self.num_anchor_heads <= self.memory_heads:
-            raise ValueError(
-                f"model.num_anchor_heads={self.num_anchor_heads} must be between 0 and model.seqcond_heads="
-                f"{self.memory_heads}"
-            )
-        if self.expand_factor <= 0:
-            raise ValueError(f"model.expand_factor={self.expand_factor} must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.n_heads
-
-    @property
-    def memory_heads(self) -> int:
-        """K."""
-        return self.seqcond_heads or self.n_heads
-
-    @property
-    def query_heads(self) -> int:
-        """K_q; K // K_q memory heads share each one."""
-        return self.num_query_heads or self.memory_heads
-
-    @property
-    def channels_per_head(self) -> int:
-        """H = max(1, d_inner // (K * M)) with d_inner = int(d_model * expand_factor)."""
-        return max(1, int(self.d_model * self.expand_factor) // (self.memory_heads * self.num_thetas))
-
-    @property
-    def out_channels_per_head(self) -> int:
-        """E = H * out_expand_factor."""
-        return self.channels_per_head * self.out_expand_factor
-
-    @property
-    def attention_layers(self) -> tuple[int, ...]:
-        """Indices of the Transformer blocks; every other block is a condenser."""
-        period = self.seqcond_ratio + 1
-        return tuple(i for i in range(self.n_layers) if (i + 1) % period == 0)
+__all__ = ["SIZES", "SeqCond", "SeqCondConfig", "SeqCondState"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +33,11 @@ class SeqCondState(ModelState):
 
     layers: list[CondenserState | KVState]  # per block: condenser state (O(1) in length) or keys/values (B, H, M, Dh)
     position: int  # absolute position of the next token, shared by the rows (the KV states have one length)
+
+    def reset_rows(self, reset: Tensor) -> SeqCondState:
+        """Rows where `reset` (B,) is True start a new stream: their condenser states start over and their
+        cached keys are hidden (RoPE scores depend only on distances, so the shared position is harmless)."""
+        return SeqCondState([layer.reset_rows(reset) for layer in self.layers], self.position)
 
 
 class CondenserBlock(nn.Module):
@@ -187,7 +62,7 @@ class AttentionBlock(nn.Module):
         self.attention = CausalSelfAttention(
             config.d_model,
             config.n_heads,
-            config.kv_heads,
+            config.n_kv_heads,
             qk_norm=config.qk_norm,
             qk_norm_affine=False,
             self_extend=config.self_extend,
@@ -243,6 +118,10 @@ class SeqCond(nn.Module):
                 nn.init.normal_(linear.weight, std=linear.in_features**-0.5 * residual_scale)
         nn.init.normal_(self.embed.weight, std=self.config.d_model**-0.5)
 
+    def moe_layers(self) -> list[tuple[str, nn.Module]]:
+        """None: SeqCond has no mixture-of-experts stage (the contract asks every model)."""
+        return []
+
     def forward(
         self, input_ids: Tensor, state: SeqCondState | None = None, *, return_hidden: bool = False
     ) -> ModelOutput:
@@ -274,7 +153,7 @@ SIZES: dict[str, dict] = {
         d_ff=96,
         n_layers=2,
         n_heads=4,
-        num_kv_heads=2,
+        n_kv_heads=2,
         max_seq_len=256,
         seqcond_ratio=1,
         seqcond_heads=4,
@@ -289,7 +168,7 @@ SIZES: dict[str, dict] = {
         d_ff=2048,
         n_layers=12,
         n_heads=12,
-        num_kv_heads=4,
+        n_kv_heads=4,
         seqcond_heads=32,
         num_query_heads=8,
         num_thetas=2,
@@ -301,7 +180,7 @@ SIZES: dict[str, dict] = {
         d_ff=2560,
         n_layers=32,
         n_heads=15,
-        num_kv_heads=5,
+        n_kv_heads=5,
         seqcond_heads=15,
         num_query_heads=5,
         num_thetas=2,
@@ -314,20 +193,21 @@ SIZES: dict[str, dict] = {
         d_ff=2730,
         n_layers=24,
         n_heads=16,
-        num_kv_heads=4,
+        n_kv_heads=4,
         seqcond_heads=16,
         num_query_heads=16,
         num_thetas=2,
         seqcond_ratio=2,
         qk_norm=True,
     ),  # fmt: skip
-    # 1.26B: the width the original reaches by duplicating large's heads.
-    "xlarge": dict(
+    # 1.26B: the width the original reaches by duplicating large's heads. Named `xl`, the size vocabulary
+    # every family shares (debug, tiny, small, medium, large, xl, xxl); the original called it xlarge.
+    "xl": dict(
         d_model=2048,
         d_ff=5460,
         n_layers=24,
         n_heads=32,
-        num_kv_heads=8,
+        n_kv_heads=8,
         seqcond_heads=32,
         num_query_heads=32,
         num_thetas=2,

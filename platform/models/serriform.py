@@ -1,9 +1,10 @@
 """SerriformNet: dilated causal convolutions, a sparse linear recurrence and gates, no attention.
 
-The seed README's *sequential* block (ARCHITECTURES.md §0, which overrides the drifted public code
+The seed README's *sequential* block (docs/architectures.md, which overrides the drifted public code
 described in §4): every block is x + FF(GatedFusion(SparseRecurrence(Conv(RMSNorm(x))))), each stage
 switchable. Positions enter once, as a rotary rotation of the token embeddings. The state per layer is
-a conv tail and a recurrent vector, plus one position, so decoding costs O(1) per token.
+a conv tail and a recurrent vector, plus one position (and, once a row is reset, where each row's stream
+began), so decoding costs O(1) per token.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from platform.models.layers.feed_forward import ACTIVATIONS, LowRankFF
-from platform.models.layers.moe import MoE
-from platform.models.layers.norm import RMSNorm
-from platform.models.layers.rope import apply_rotary, rotary_angles
-from platform.models.layers.scan import linear_scan
-from platform.models.output import ModelOutput, ModelState
+from .contract import exclude_from_weight_decay
+from .layers.feed_forward import ACTIVATIONS, LowRankFF
+from .layers.moe import MoE
+from .layers.norm import RMSNorm
+from .layers.rope import apply_rotary, rotary_angles
+from .layers.scan import linear_scan
+from .output import ModelOutput, ModelState, zero_rows
+from .seed_names import rename
 
 # Keys of the original's arch_config and CLI that set training, not the model; the error says where they went.
 _TRAINING_KEYS = {
@@ -29,12 +32,12 @@ _TRAINING_KEYS = {
     "load_balancing": "the weight of the 'moe_balance' aux loss (0 turns balancing off)",
     "load_balancing_weight": "the weight of the 'moe_balance' aux loss",
 }
-_ALIASES = {"top_k": "top_k_experts"}  # the original code's arch_config name
 
 
 @dataclasses.dataclass
 class SerriformConfig:
-    """SerriformNet's settings, with the original's arch_config and CLI names where it had them.
+    """SerriformNet's settings, named as in the other families; `from_seed_names` accepts the original's
+    arch_config dict and CLI names.
 
     Its `entropy_weight` and load-balancing weight are not here: they are training settings (the
     weights of the unweighted "moe_balance" and "router_entropy" aux losses, each a mean over MoE layers).
@@ -74,30 +77,8 @@ class SerriformConfig:
     """Std of the Gaussian noise added to router logits in training (exploration); 0 turns it off."""
     activation: str = "silu"
     """Activation after the pointwise convolution: silu, gelu or relu (the feed-forward stages use GELU)."""
-    arch_config: dict[str, Any] | None = None
-    """The original's partial arch_config dict: its keys override the fields above; unknown keys are errors."""
 
     def __post_init__(self) -> None:
-        if self.arch_config:
-            self._merge(self.arch_config)
-        self.arch_config = None  # merged; keeping it would re-apply it over later dataclasses.replace calls
-        self._validate()
-
-    def _merge(self, arch_config: dict[str, Any]) -> None:
-        fields = {f.name for f in dataclasses.fields(self)} - {"arch_config"}
-        for key, value in arch_config.items():
-            if key in _TRAINING_KEYS:
-                raise ValueError(
-                    f"model.arch_config key '{key}' is a training setting; set {_TRAINING_KEYS[key]} "
-                    "in the training config instead"
-                )
-            name = _ALIASES.get(key, key)
-            if name not in fields:
-                valid = ", ".join(sorted(fields | set(_ALIASES)))
-                raise ValueError(f"model.arch_config has unknown key '{key}'; valid keys: {valid}")
-            setattr(self, name, value)
-
-    def _validate(self) -> None:
         if self.d_model < 2 or self.d_model % 2:
             raise ValueError(
                 f"model.d_model={self.d_model} must be even: the rotary gate rotates channel pairs; pick an even width"
@@ -142,16 +123,67 @@ class SerriformConfig:
         return [int(self.conv_dilation_growth ** (layer % 3)) for layer in range(self.n_layers)]
 
 
+# The original's names (docs/architectures.md: its arch_config keys and train.py flags) for fields named as in
+# the other families here. `from_seed_names` accepts them, and the arch_config dict itself.
+SEED_NAMES = {
+    "top_k": "top_k_experts",
+    "dim": "d_model",
+    "num_layers": "n_layers",
+    "dilation_growth": "conv_dilation_growth",
+}
+
+
+def from_seed_names(overrides: dict[str, Any]) -> dict[str, Any]:
+    """SerriformConfig fields from overrides that may use the original's names: `arch_config` (its partial dict,
+    whose keys override the size's fields) and the names of SEED_NAMES, there or beside it. A field given twice
+    (under two names, or both in and beside arch_config) is an error naming both; so are unknown arch_config keys
+    and the original's training settings (entropy_weight, load_balancing, load_balancing_weight)."""
+    overrides = dict(overrides)
+    arch_config = dict(overrides.pop("arch_config", None) or {})
+    for key in (*arch_config, *overrides):
+        if key in _TRAINING_KEYS:
+            where = "model.arch_config key" if key in arch_config else "model.model_config key"
+            raise ValueError(
+                f"{where} '{key}' is a training setting; set {_TRAINING_KEYS[key]} in the training config instead"
+            )
+    fields = {f.name for f in dataclasses.fields(SerriformConfig)}
+    for key in arch_config:
+        if SEED_NAMES.get(key, key) not in fields:
+            valid = ", ".join(sorted(fields | set(SEED_NAMES)))
+            raise ValueError(f"model.arch_config has unknown key '{key}'; valid keys: {valid}")
+    direct = rename(overrides, SEED_NAMES, "serriform")
+    nested = rename(arch_config, SEED_NAMES, "serriform")
+    for name in sorted(nested.keys() & direct.keys()):
+        inner = next(k for k in arch_config if SEED_NAMES.get(k, k) == name)
+        given = next(k for k in overrides if SEED_NAMES.get(k, k) == name)
+        raise ValueError(
+            f"serriform config field '{name}' is given twice, as 'arch_config.{inner}' and as '{given}'; give it once"
+        )
+    return {**direct, **nested}
+
+
 @dataclasses.dataclass(frozen=True)
 class SerriformLayerState(ModelState):
     conv_tail: Tensor | None  # (B, (k-1)*dilation, D) the newest conv inputs; None without the conv stage
     recurrent: Tensor | None  # (B, memory_dim) h of the last token, fp32; None without the recurrence stage
 
+    def reset_rows(self, reset: Tensor) -> SerriformLayerState:
+        """Rows where `reset` (B,) is True start over: zero conv inputs and h = 0, as a fresh call."""
+        return self.map_tensors(lambda t: zero_rows(t, reset))
+
 
 @dataclasses.dataclass(frozen=True)
 class SerriformState(ModelState):
     layers: list[SerriformLayerState]  # one per block
-    position: int  # absolute position of the next token (the rotary gate's offset)
+    position: int  # absolute position of the next token, counted from the first call
+    stream_start: Tensor | None = None  # (B,) int64: position where each row's stream began; None: 0 for all
+
+    def reset_rows(self, reset: Tensor) -> SerriformState:
+        """Rows where `reset` (B,) is True start a new stream here: empty layer states, and their rotary gate
+        counts from 0 again (it rotates by absolute position, so this row offset is needed)."""
+        start = self.stream_start if self.stream_start is not None else reset.new_zeros(reset.shape, dtype=torch.long)
+        start = torch.where(reset.to(start.device), self.position, start)  # (B,)
+        return SerriformState([layer.reset_rows(reset) for layer in self.layers], self.position, start)
 
 
 class CausalDilatedConv(nn.Module):
@@ -166,6 +198,7 @@ class CausalDilatedConv(nn.Module):
         self.tail_len, self.activation = (kernel_size - 1) * dilation, activation
         self.depthwise = nn.Conv1d(d_model, d_model, kernel_size, dilation=dilation, groups=d_model)
         self.pointwise = nn.Linear(d_model, d_model)
+        exclude_from_weight_decay(self.depthwise.bias, self.pointwise.bias)
 
     def reset_parameters(self) -> None:
         """N(0, 1/k) taps and N(0, 1/D) mixing keep the signal's variance; biases 0."""
@@ -196,6 +229,7 @@ class SparseRecurrence(nn.Module):
         super().__init__()
         self.alpha_logit = nn.Parameter(torch.empty(memory_dim))
         self.beta = nn.Parameter(torch.empty(memory_dim))
+        exclude_from_weight_decay(self.alpha_logit, self.beta)  # decay would pull alpha to 0.5 and beta to 0
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha_logit, math.log(0.9 / 0.1))  # sigmoid^-1(0.9)
@@ -216,6 +250,7 @@ class GatedFusion(nn.Module):
         super().__init__()
         self.gate = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
+        exclude_from_weight_decay(self.gate.bias, self.value.bias)
 
     def reset_parameters(self) -> None:
         for linear in (self.gate, self.value):
@@ -279,6 +314,7 @@ class SerriformNet(nn.Module):
         self.blocks = nn.ModuleList(SerriformBlock(config, layer) for layer in range(config.n_layers))
         self.norm = RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+        exclude_from_weight_decay(self.lm_head.bias)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -304,7 +340,9 @@ class SerriformNet(nn.Module):
     ) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
         offset = 0 if state is None else state.position
-        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)  # (T,)
+        if state is not None and state.stream_start is not None:
+            positions = positions - state.stream_start.to(positions.device)[:, None]  # (B, T): from each row's start
         # the "multiplicative RoPE gate": channel pairs (d, d + D/2) rotated by position * base^(-2d/D)
         h = apply_rotary(self.embed(input_ids), *rotary_angles(positions, self.config.d_model, self.config.rope_base))
         h = self.dropout(h)  # (B, T, D)
@@ -316,7 +354,7 @@ class SerriformNet(nn.Module):
         h = self.norm(h)
         # mean over layers, so an aux-loss weight means the same at any depth
         aux_losses = {name: torch.stack([a[name] for a in aux]).mean() for name in aux[0]}
-        new_state = SerriformState(layers, offset + input_ids.shape[1])
+        new_state = SerriformState(layers, offset + input_ids.shape[1], None if state is None else state.stream_start)
         return ModelOutput(self.lm_head(h), new_state, aux_losses, h if return_hidden else None)
 
 
@@ -324,6 +362,8 @@ SIZES: dict[str, dict] = {
     # Trains in seconds on a CPU: the default job and the tests. Three layers give dilations 1, 2, 4.
     "debug": dict(vocab_size=512, d_model=64, n_layers=3, dropout=0.0),
     # The seed's defaults (V 50257, D 512, 12 layers, 4 experts of rank 128): 67,350,097 parameters,
-    # 25.7M embedding + 25.8M head + 12 x 1.32M blocks (the original's parallel-branch code had 79.2M).
-    "default": dict(),
+    # 25.7M embedding + 25.8M head + 12 x 1.32M blocks (the original's parallel-branch code had 79.2M; it called
+    # this size `default`). Named `tiny`, the shared size vocabulary's smallest size after `debug`: 67M is below
+    # LSWT tiny (153M) and SeqCond small (133M), far below LSWT small (343M), and far above any `debug`.
+    "tiny": dict(),
 }

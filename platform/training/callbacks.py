@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from platform.training.strategies import all_reduce_squares
+from ..cluster.strategies import all_reduce_squares
 
 
 def _squared_norm(grads: list[Tensor]) -> Tensor:
@@ -90,9 +90,9 @@ def moe_layer_key(name: str) -> str:
 class ExpertUsageMonitor(L.Callback):
     """Logs how evenly each MoE layer spreads its tokens over its experts, every `every_n_steps` optimizer steps.
 
-    Reads the model's documented monitoring interface: `model.moe_layers()` yields (name, layer) pairs whose
-    `layer.tokens_per_expert` (E,) counts the routed slots of every training forward since the last
-    `layer.reset_counters()`. A model without that method, or without MoE layers, is left alone. The counts
+    Reads the model contract's monitoring interface (models/contract.py): `model.moe_layers()` lists (name, layer)
+    pairs whose `layer.tokens_per_expert` (E,) counts the routed slots of every training forward since the last
+    `layer.reset_counters()`. A model without MoE layers lists none and is left alone. The counts
     are summed over data-parallel ranks, so the fractions are those of every token the step(s) trained on,
     then reset: each logged value covers the steps since the previous one. Per layer (`moe/layer<i>/...`):
     `min_fraction` and `max_fraction` of the routed slots an expert received, and `imbalance` = max/mean
@@ -116,8 +116,7 @@ class ExpertUsageMonitor(L.Callback):
 
     @staticmethod
     def moe_layers(pl_module: L.LightningModule) -> list[tuple[str, nn.Module]]:
-        list_layers = getattr(pl_module.model, "moe_layers", None)
-        return list(list_layers()) if callable(list_layers) else []
+        return list(pl_module.model.moe_layers())
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for _, layer in self.moe_layers(pl_module):

@@ -8,32 +8,42 @@ LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top o
   `lr_monitor`, `expert_usage` (tokens per expert of MoE models; nothing for the others);
 - files default to the run directory `trainer.default_root_dir`: checkpoints in `<root>/checkpoints`,
   logs in `<root>`, the resolved config in `<root>/config.yaml` (overwritten on resume);
+- the model's config is typed: `model.model_config` takes the fields of the chosen architecture's config
+  (found in the `--config` files and `--model.arch`/`--model.size` before parsing), defaulting to the named
+  size's values, so `--help` documents them, `--print_config` shows them and a wrong field or type is named;
 - the vocabulary size is read from the data and given to the model (`link_arguments`);
-- `parallelism` picks the strategy (platform/training/strategies.py), `--dry_run` with `cluster` prints the
-  memory plan instead of training (platform/training/planner.py), and SIGUSR1 saves and requeues
-  (platform/training/requeue.py).
+- `parallelism` picks the strategy (cluster/strategies.py), `--dry_run` with `cluster` prints the
+  memory plan instead of training (cluster/planner.py), and SIGUSR1 saves and requeues
+  (cluster/requeue.py).
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+import yaml
+from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from platform.data.datamodule import TokenDataModule
-from platform.entry import run_entry_point  # noqa: F401  (the entry points import it from here)
-from platform.training.callbacks import ExpertUsageMonitor, GradNormMonitor, PeriodicCheckpoint
-from platform.training.module import LanguageModelModule
-from platform.training.planner import ClusterShape, check_fits, format_plan, plan_from_config
-from platform.training.requeue import RequeueOnSignal
-from platform.training.strategies import Parallelism, build_strategy, check_supported
+from ..cluster.planner import ClusterShape, check_fits, format_plan, plan_from_config
+from ..cluster.requeue import RequeueOnSignal
+from ..cluster.strategies import Parallelism, build_strategy, check_supported
+from ..data.datamodule import TokenDataModule
+from ..entry import run_entry_point  # noqa: F401  (the entry points import it from here)
+from ..models.registry import config_for, family
+from .callbacks import ExpertUsageMonitor, GradNormMonitor, PeriodicCheckpoint
+from .module import LanguageModelModule
 
 DEFAULT_ROOT = "runs/default"
+
+# The model configs document their fields with attribute docstrings; `--help` shows them.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class SaveConfigToRunDir(SaveConfigCallback):
@@ -48,6 +58,8 @@ class SaveConfigToRunDir(SaveConfigCallback):
 
 class PlatformCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any):
+        self.arch, self.size = chosen_model(sys.argv[1:] if args is None else args)
+        self.config_type = family(self.arch).config  # an unknown arch is named here, before parsing
         super().__init__(
             LanguageModelModule,
             TokenDataModule,
@@ -62,11 +74,40 @@ class PlatformCLI(LightningCLI):
             },
             trainer_defaults={
                 "default_root_dir": DEFAULT_ROOT,
-                "logger": {"class_path": "platform.training.loggers.CSVLogger"},
+                "logger": {"class_path": "lctrain.training.loggers.CSVLogger"},
             },
             auto_configure_optimizers=False,
             **kwargs,
         )
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Lightning's trainer and data sections; the model's section with `model_config` typed as the chosen
+        architecture's config dataclass (its fields documented in `--help`), defaulting to the named size."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_class_arguments(
+            self._model_class, "model", fail_untyped=False, instantiate=True, sub_configs=True, skip={"model_config"}
+        )
+        parser.add_dataclass_arguments(
+            self.config_type,
+            "model.model_config",
+            default=config_for(self.arch, self.size),
+            help=f"{self.config_type.__name__}: the fields of model.arch={self.arch}, with model.size={self.size}'s "
+            "values as defaults (another arch or size lists its own: `--model.arch ... --help`)",
+        )
+        parser.add_lightning_class_args(self._datamodule_class, "data")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            if "model.model_config" not in str(e):
+                raise
+            raise ArgumentError(
+                None,
+                f"{e} (model.model_config takes the fields of {self.config_type.__name__}, for model.arch="
+                f"{self.arch}; `--help` lists them)",
+            ) from e
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -159,6 +200,28 @@ def resolve_ckpt_path(value: str | None, checkpoint_dir: str | Path, root: str |
     if not Path(value).exists():
         raise FileNotFoundError(f"--ckpt_path {value} does not exist")
     return value
+
+
+def chosen_model(args: list[str]) -> tuple[str, str]:
+    """(arch, size) as the command line will resolve them: the module's defaults, then each `--config` file's
+    `model.arch`/`model.size` and each `--model.arch`/`--model.size`, in order (the last one wins)."""
+    defaults = inspect.signature(LanguageModelModule.__init__).parameters
+    choice = {"arch": defaults["arch"].default, "size": defaults["size"].default}
+    i = 0
+    while i < len(args):
+        key, has_value, value = args[i].partition("=")
+        if not has_value and i + 1 < len(args) and key in ("--config", "-c", "--model.arch", "--model.size"):
+            value, i = args[i + 1], i + 1
+        if key in ("--config", "-c") and Path(value).is_file():
+            try:
+                section = (yaml.safe_load(Path(value).read_text()) or {}).get("model") or {}
+            except (yaml.YAMLError, AttributeError):
+                section = {}  # the parser reports a broken file with its own message
+            choice.update({k: str(section[k]) for k in ("arch", "size") if isinstance(section, dict) and k in section})
+        elif key in ("--model.arch", "--model.size"):
+            choice[key.removeprefix("--model.")] = value
+        i += 1
+    return choice["arch"], choice["size"]
 
 
 def fit(args: list[str] | None = None) -> PlatformCLI:

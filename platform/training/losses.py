@@ -51,7 +51,7 @@ def combine_losses(ce: Tensor, aux_losses: dict[str, Tensor], weights: dict[str,
 
 
 def simctg_loss(hidden: Tensor, valid: Tensor, margin: float = 0.5) -> Tensor:
-    """SimCTG's contrastive term (Su et al. 2022; ARCHITECTURES.md §3.3), unweighted.
+    """SimCTG's contrastive term (Su et al. 2022; docs/architectures.md), unweighted.
 
     With r_i = h_i / |h_i| the final hidden states of one sequence, every ordered pair i != j of valid
     tokens costs max(0, margin - 1 + r_i . r_j): identical directions cost `margin`, orthogonal ones

@@ -8,7 +8,7 @@ so sharded strategies can wrap it before it is materialised.
 With `carry_state`, the model's state is carried from one batch to the next (Transformer-XL memory,
 recurrent state): one state per gradient-accumulation slot, detached between steps, kept in the
 checkpoint so a resumed run continues exactly. Optional: warm-started embeddings, the SimCTG aux loss
-(asks the model for its final hidden states), and SophiaG's Hessian refresh (platform/training/sophia.py).
+(asks the model for its final hidden states), and SophiaG's Hessian refresh (training/sophia.py).
 """
 
 from __future__ import annotations
@@ -20,19 +20,36 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from platform.data.tokenizer import check_same_tokenizer
-from platform.models.output import ModelState, state_from_tree, state_to_tree
-from platform.models.registry import config_for, family
-from platform.training.losses import answer_weighted_ce, combine_losses, simctg_loss, token_nll
-from platform.training.metrics import AnswerExactMatch, Perplexity, TokenAccuracy, TokenWeightedMean
-from platform.training.optimizers import WarmupCosine, parameter_groups
-from platform.training.sophia import SophiaG, gauss_newton_bartlett
-from platform.training.strategies import build_for_strategy, named_parameters
-from platform.training.warm_start import WarmStart, warm_start_embeddings
+from ..cluster.strategies import build_for_strategy, named_parameters
+from ..data.tokenizer import check_same_tokenizer
+from ..models.output import ModelState, state_from_tree, state_to_tree
+from ..models.registry import family
+from ..models.spec import ModelSpec
+from .losses import answer_weighted_ce, combine_losses, simctg_loss, token_nll
+from .metrics import AnswerExactMatch, Perplexity, TokenAccuracy, TokenWeightedMean
+from .optimizers import WarmupCosine, parameter_groups
+from .sophia import SophiaG, gauss_newton_bartlett
+from .warm_start import WarmStart, warm_start_embeddings
 
 STAGES = ("train", "val", "test")
 EVAL_STAGES = ("val", "test")
 DEFAULT_AUX_LOSS_WEIGHTS = {"moe_balance": 0.01, "router_entropy": 0.0, "simctg": 0.0}
+
+
+def model_spec(arch: str, size: str, model_config: Any, vocab_size: int | None) -> ModelSpec:
+    """The spec of the module's arguments: `model_config` is the family's config (the command line gives a
+    whole one) or a dict of fields replacing the named size's; the data's `vocab_size` replaces the config's."""
+    config_type = family(arch).config
+    if model_config is not None and not isinstance(model_config, (dict, config_type)):
+        raise ValueError(
+            f"model.model_config is a {type(model_config).__name__} but model.arch={arch} takes "
+            f"{config_type.__name__} fields; give the config of the chosen architecture"
+        )
+    if isinstance(model_config, config_type):
+        spec = ModelSpec.from_config(arch, size, model_config)
+    else:
+        spec = ModelSpec(arch, size, dict(model_config or {}))
+    return spec if vocab_size is None else spec.replace(vocab_size=vocab_size)
 
 
 class LanguageModelModule(L.LightningModule):
@@ -40,13 +57,13 @@ class LanguageModelModule(L.LightningModule):
         self,
         arch: str = "lswt",
         size: str = "debug",
-        model_config: dict[str, Any] | None = None,
+        model_config: Any = None,
         vocab_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = WarmupCosine,
         aux_loss_weights: dict[str, float] | None = None,
         ignore_index: int = -100,
-        top_k: int = 5,
+        accuracy_top_k: int = 5,
         carry_state: bool = False,
         simctg_margin: float = 0.5,
         warm_start: WarmStart | None = None,
@@ -57,14 +74,15 @@ class LanguageModelModule(L.LightningModule):
         Args:
             arch: Architecture name in the model registry (lswt, seqcond, serriform).
             size: Named size of that architecture (debug, tiny, ...).
-            model_config: Fields of the architecture's config that override the named size.
+            model_config: The architecture's config: on the command line its fields, defaulting to the named
+                size's (`--help` lists them for the chosen arch); from Python a config or a dict of overrides.
             vocab_size: Vocabulary size; linked from the data, so it is normally not set by hand.
             optimizer: Optimizer class and its arguments; it receives parameter groups (no weight
                 decay on biases, norms and flagged parameters).
             scheduler: Learning-rate schedule, stepped every optimizer step.
             aux_loss_weights: Weight of each named aux loss the model returns (0 logs it only).
             ignore_index: Target id excluded from the loss and the metrics (padding).
-            top_k: k of the top-k accuracy metric.
+            accuracy_top_k: k of the top-k accuracy metric (`<stage>/top<k>_acc`).
             carry_state: Carry the model's state across batches (needs the "streams" data layout).
             simctg_margin: Margin rho of the SimCTG loss, computed when aux_loss_weights.simctg > 0.
             warm_start: Load the input embedding from a local Hugging Face directory: {path, freeze}
@@ -77,11 +95,11 @@ class LanguageModelModule(L.LightningModule):
         super().__init__()
         if answer_loss_weight <= 0:
             raise ValueError(f"model.answer_loss_weight={answer_loss_weight} must be > 0 (1 trains on plain CE)")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        overrides = dict(model_config or {})
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
-        self.model_config = config_for(arch, size, **overrides)  # fails here, before any training starts
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "model_config"])
+        # The one description of the model (saved in every checkpoint); fails here, before any training starts.
+        self.spec = model_spec(arch, size, model_config, vocab_size)
+        self.hparams["model_config"] = self.spec.overrides  # plain data, for loggers and weights-only loads
+        self.model_config = self.spec.config()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.aux_loss_weights = {**DEFAULT_AUX_LOSS_WEIGHTS, **(aux_loss_weights or {})}
         self.model: nn.Module | None = None
@@ -89,7 +107,7 @@ class LanguageModelModule(L.LightningModule):
         # with Module.train), so Lightning syncs and resets each at the end of its own loop.
         for stage in STAGES:
             metrics = {"ppl": Perplexity(), "acc": TokenAccuracy(1, ignore_index)}
-            metrics[f"top{top_k}_acc"] = TokenAccuracy(top_k, ignore_index)
+            metrics[f"top{accuracy_top_k}_acc"] = TokenAccuracy(accuracy_top_k, ignore_index)
             setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
             setattr(self, f"{stage}_answer_acc", AnswerExactMatch())  # logged for data with answer marks
         # Evaluation reports each aux loss over the whole evaluation, synced (e.g. `val/moe_balance`);
@@ -112,7 +130,7 @@ class LanguageModelModule(L.LightningModule):
     def _build_model(self, config) -> nn.Module:
         """The model, its input embedding warm-started when asked. A sharding strategy also builds a copy on
         the meta device to wrap; that copy takes its weights from the materialised one."""
-        model = family(self.hparams.arch).model(config)
+        model = family(self.spec.arch).model(config)
         if self.hparams.warm_start and not next(model.parameters()).is_meta:
             warm_start_embeddings(model, **self.hparams.warm_start)
         return model
@@ -211,14 +229,14 @@ class LanguageModelModule(L.LightningModule):
         return f"{stage}:{slot}"
 
     def _state_for(self, key: str, batch: dict[str, Tensor]) -> ModelState | None:
+        """The carried state of this slot, with the rows where a new stream begins started fresh (every
+        family's state offers `reset_rows`, models/contract.py)."""
         state = self._carried.get(key)
         reset = batch.get("reset")  # (B,) True where a row starts a new stream
         if state is None or reset is None or not bool(reset.any()):
             return state
         if bool(reset.all()):
             return None
-        if not hasattr(state, "reset_rows"):
-            raise ValueError(f"{type(state).__name__} cannot reset single rows; use data.reset_streams=false")
         return state.reset_rows(reset)
 
     def on_validation_epoch_start(self) -> None:
@@ -230,6 +248,7 @@ class LanguageModelModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The tokenizer goes into the checkpoint, so generation needs nothing else; so does every rank's
         carried training state (gathered: it is per rank)."""
+        checkpoint["model_spec"] = self.spec.to_dict()
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if getattr(datamodule, "tokenizer_spec", None) is not None:
             checkpoint["tokenizer"] = datamodule.tokenizer_spec

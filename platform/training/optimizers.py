@@ -1,8 +1,8 @@
 """Parameter groups and learning-rate schedules.
 
-Weight decay applies to matrices only: parameters with fewer than two dimensions (biases, norm
-scales) and any parameter flagged `_no_weight_decay = True` by its model (e.g. an embedding) are in
-a group with weight_decay 0. Frozen parameters are left out.
+Weight decay applies to every parameter except those the model flags `_no_weight_decay = True` (each
+layer flags its own in `__init__`: biases, norm scales, attention registers, SeqCond's frequency grid,
+recurrence and MoE biases), which go to a group with weight_decay 0. Frozen parameters are left out.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..models.contract import NO_WEIGHT_DECAY
+
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that must not decay; read before a sharded strategy wraps the model,
-    since wrapping replaces the parameter objects (and their flags) but keeps their names."""
-    return {n for n, p in model.named_parameters() if p.ndim < 2 or getattr(p, "_no_weight_decay", False)}
+    """Names of the parameters flagged not to decay; read before a sharded strategy wraps the model (or a
+    meta-device build is materialised), since that replaces the parameter objects and their flags but keeps
+    their names."""
+    return {n for n, p in model.named_parameters() if getattr(p, NO_WEIGHT_DECAY, False)}
 
 
 def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], no_decay: set[str]) -> list[dict]:

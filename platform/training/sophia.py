@@ -1,7 +1,7 @@
 """SophiaG (Liu et al. 2023, "Sophia: a scalable stochastic second-order optimizer"), with its Hessian refresh.
 
 The original LSWT trainer never refreshed Sophia's Hessian, which left it a sign-momentum method
-(ARCHITECTURES.md §3.3). Here the refresh is part of training: every `hessian_interval` optimizer
+(docs/architectures.md). Here the refresh is part of training: every `hessian_interval` optimizer
 steps, LanguageModelModule calls `gauss_newton_bartlett` on the logits of that step's first
 micro-batch and hands the estimate to `SophiaG.update_hessian`. The estimate reuses the step's
 forward and takes its gradient with `torch.autograd.grad`, so the accumulated `.grad` of the real

@@ -1,4 +1,4 @@
-"""Warm-start embeddings from a local Hugging Face checkpoint directory (ARCHITECTURES.md §0, §3.1; seed 002).
+"""Warm-start embeddings from a local Hugging Face checkpoint directory (docs/architectures.md; seed 002).
 
 The original copied facebook/opt-125m's input embedding (50272 x 768) into LSWT and tokenized with
 OPT's tokenizer. Here any local causal-LM directory works: the embedding's parameter name is read off

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from platform.models.condenser import CondenserState
-from platform.models.layers.attention import KVState
-from platform.models.self_extend import SelfExtendConfig
-from platform.training.cli import fit
-from platform.training.inference import generate_text, load_model
+from lctrain.inference import load_model
+from lctrain.inference.generation import generate_text
+from lctrain.models.condenser import CondenserState
+from lctrain.models.layers.attention import KVState
+from lctrain.models.layers.self_extend import SelfExtendConfig
+from lctrain.training.cli import fit
 from tests.cli.test_fit import logged, read_metrics
-from tests.conftest import quick_fit_args
+from tests.helpers import quick_fit_args
 
 
 def test_seqcond_debug_config_trains_and_its_loss_falls(tmp_path, builtin_data):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from platform.data.shards import atomic_directory, token_dtype, write_index, write_split
-from platform.data.tokenizer import ByteTokenizer
-from platform.training.cli import fit, run_entry_point
-from tests.conftest import REPO, quick_fit_args
+from lctrain.data.shards import atomic_directory, token_dtype, write_index, write_split
+from lctrain.data.tokenizer import ByteTokenizer
+from lctrain.training.cli import fit, run_entry_point
+from tests.helpers import REPO, quick_fit_args
 
 
 def read_metrics(run_dir, version=0) -> list[dict]:

@@ -7,9 +7,10 @@ import sys
 
 import torch
 
-from platform.models.sampling import generate, sample_next
-from platform.training.inference import generate_text, load_model
-from tests.conftest import REPO
+from lctrain.inference import load_model
+from lctrain.inference.generation import generate_text
+from lctrain.models.sampling import generate, sample_next
+from tests.helpers import REPO
 
 
 def test_generate_yields_the_requested_number_of_tokens_with_one_call_per_token(trained_run):

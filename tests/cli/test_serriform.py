@@ -1,26 +1,27 @@
 """SerriformNet through the command line: the ablation configs train, expert usage and aux losses reach
-the CSV and W&B logs, and `python -m platform.generate` streams greedy tokens equal to full forwards.
+the CSV log (read from its metrics.csv) and the W&B logger (checked through W&B's public API only), and
+`python -m platform.generate` streams greedy tokens equal to full forwards.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import struct
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
+import wandb
 
-from platform.data.shards import atomic_directory, token_dtype, write_index, write_split
-from platform.data.tokenizer import ByteTokenizer
-from platform.models.sampling import generate
-from platform.training.cli import fit
-from platform.training.inference import load_model
-from tests.conftest import REPO, quick_fit_args
+from lctrain.data.shards import atomic_directory, token_dtype, write_index, write_split
+from lctrain.data.tokenizer import ByteTokenizer
+from lctrain.inference import load_model
+from lctrain.models.sampling import generate
+from lctrain.training.cli import fit
+from lctrain.training.loggers import WandbLogger
+from tests.helpers import REPO, quick_fit_args
 
 STAGES = ("conv", "recurrence", "moe", "feed_forward")
 ABLATIONS = {  # config -> the stages its blocks hold (MoE takes the dense feed-forward's place)
@@ -89,62 +90,30 @@ def test_expert_usage_logs_nothing_for_a_model_without_experts(tmp_path, builtin
 # --- expert usage and aux losses in the CSV and W&B logs --------------------------------------------
 
 
-def wandb_records(path):
-    """The records of an offline `.wandb` file: a LevelDB-log framing (32 KiB blocks, 7-byte headers of
-    crc32, length u16 and type FULL=1/FIRST=2/MIDDLE=3/LAST=4) around `wandb_internal_pb2.Record`s, after
-    a 7-byte file header (":W&B", magic 0xBEE1, version)."""
-    from wandb.proto import wandb_internal_pb2
+def test_expert_usage_and_aux_losses_reach_the_csv_and_the_offline_wandb_run(tmp_path, builtin_data, monkeypatch):
+    """What reaches the logs is read back from the CSV logger's metrics.csv; for W&B, from what the monitor and the
+    module hand the WandbLogger (histograms through wandb.Histogram's public `bins` and `histogram`) and the offline
+    run it keeps in the run directory, never from W&B's private binary run file."""
+    handed = []  # (step, metrics) of every WandbLogger.log_metrics call
+    log_metrics = WandbLogger.log_metrics
 
-    data, block, header = path.read_bytes(), 32768, 7
-    assert data[:4] == b":W&B", path
-    pos, pieces = header, b""
-    while pos + header <= len(data):
-        if block - pos % block < header:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
-        if kind == 0:  # zero padding up to the end of the block
-            pos += block - pos % block
-            continue
-        if pos + header + length > len(data):  # still being written
-            return
-        pieces += data[pos + header : pos + header + length]
-        pos += header + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pieces)
-            pieces = b""
-            yield record
+    def recording_log_metrics(self, metrics, step=None):
+        handed.append((step, dict(metrics)))
+        log_metrics(self, metrics, step)
 
-
-def wandb_history(run_dir, wait_s: float = 60) -> list[dict[str, object]]:
-    """History rows of the run's offline file, read once its writer has closed the run: `finish()` can
-    return before the wandb service has written the last records, so wait (up to `wait_s`) for "exit"."""
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    deadline = time.monotonic() + wait_s
-    records = list(wandb_records(path))
-    while records[-1].WhichOneof("record_type") != "exit" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        records = list(wandb_records(path))
-    assert records[-1].WhichOneof("record_type") == "exit", f"{path} was not closed within {wait_s} s"
-    return [
-        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-        for record in records
-        if record.WhichOneof("record_type") == "history"
-    ]
-
-
-def test_expert_usage_and_aux_losses_reach_the_csv_and_the_offline_wandb_run(tmp_path, builtin_data):
+    monkeypatch.setattr(WandbLogger, "log_metrics", recording_log_metrics)
     loggers = tmp_path / "loggers.yaml"
     loggers.write_text(
-        "trainer:\n  logger:\n    - class_path: platform.training.loggers.CSVLogger\n"
-        "    - class_path: platform.training.loggers.WandbLogger\n      init_args: {project: serriform-test}\n"
+        "trainer:\n  logger:\n    - class_path: lctrain.training.loggers.CSVLogger\n"
+        "    - class_path: lctrain.training.loggers.WandbLogger\n      init_args: {project: serriform-test}\n"
     )
     run = tmp_path / "run"
     cli = fit(
         config_args("full", run, builtin_data, "--config", str(loggers), "--expert_usage.every_n_steps", "2", steps=4)
     )
-    cli.trainer.loggers[1].experiment.finish()  # flush the offline run file
+    experiment = cli.trainer.loggers[1].experiment
+    run_id, run_files, offline = experiment.id, Path(experiment.dir), experiment.offline
+    experiment.finish()
 
     rows = read_csv(run)
     aux = {"train/moe_balance", "train/router_entropy", "val/moe_balance", "val/router_entropy"}
@@ -157,15 +126,21 @@ def test_expert_usage_and_aux_losses_reach_the_csv_and_the_offline_wandb_run(tmp
             assert 0 <= low <= 1 / 4 <= high <= 1  # 4 experts
             assert float(row["moe/layer1/imbalance"]) == pytest.approx(4 * high)
 
-    history = wandb_history(run)
-    keys = set().union(*history)
-    assert aux | set(USAGE_KEYS) <= keys
-    histograms = [row for row in history if "moe/layer2/tokens_per_expert/_type" in row]
-    assert [row["trainer/global_step"] for row in histograms] == [0, 2]
-    for row in histograms:
-        assert row["moe/layer2/tokens_per_expert/_type"] == "histogram"
-        assert row["moe/layer2/tokens_per_expert/bins"] == [0, 1, 2, 3, 4]  # one bin per expert
-        assert sum(row["moe/layer2/tokens_per_expert/values"]) == pytest.approx(1.0)
+    # the W&B run: offline, in the run directory, under the id the run directory keeps for a resume
+    assert offline and (run / "wandb_run_id").read_text().strip() == run_id
+    assert run_files.is_dir() and run_files.resolve().is_relative_to((run / "wandb").resolve())
+    assert aux | set(USAGE_KEYS) <= {key for _, metrics in handed for key in metrics}
+    histograms = [
+        (step, m["moe/layer2/tokens_per_expert"]) for step, m in handed if "moe/layer2/tokens_per_expert" in m
+    ]
+    assert [step for step, _ in histograms] == [0, 2]
+    for _, histogram in histograms:
+        assert isinstance(histogram, wandb.Histogram)
+        assert histogram.bins == [0, 1, 2, 3, 4]  # one bin per expert
+        assert sum(histogram.histogram) == pytest.approx(1.0)
+    usage = [m for _, m in handed if USAGE_KEYS[0] in m]
+    csv_usage = [r for r in rows if r.get(USAGE_KEYS[0])]
+    assert [m[USAGE_KEYS[0]] for m in usage] == pytest.approx([float(r[USAGE_KEYS[0]]) for r in csv_usage])
 
 
 # --- generation from a SerriformNet checkpoint ------------------------------------------------------

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from platform.data.datamodule import BlockBatches, ResumableLoader, TokenDataModule
-from platform.data.layouts import Geometry, TokenStream, make_layout
-from platform.data.prepare import prepare
-from platform.data.shards import ShardWriter, TokenShards, atomic_directory, token_dtype, write_index
-from platform.data.tasks import CopyTask
-from platform.data.tokenizer import ByteTokenizer
-from platform.training.module import LanguageModelModule
+from lctrain.data.datamodule import BlockBatches, ResumableLoader, TokenDataModule
+from lctrain.data.layouts import Geometry, TokenStream, make_layout
+from lctrain.data.prepare import prepare
+from lctrain.data.shards import ShardWriter, TokenShards, atomic_directory, token_dtype, write_index
+from lctrain.data.tasks import CopyTask
+from lctrain.data.tokenizer import ByteTokenizer
+from lctrain.training.module import LanguageModelModule
 
 EOT = 256
 
@@ -287,7 +287,7 @@ def test_a_data_vocabulary_larger_than_the_model_is_refused(builtin_data):
 
 
 def test_a_prepare_config_as_source_builds_the_missing_data(tmp_path):
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     dm = TokenDataModule(str(tmp_path / "built"), source=str(REPO / "configs" / "data" / "builtin.yaml"))
     assert dm.vocab_size == 257 and (tmp_path / "built" / "index.json").is_file()

@@ -7,10 +7,10 @@ import csv
 
 import pytest
 
-from platform.data.prepare import prepare
-from platform.data.tasks import CopyTask
-from platform.training.cli import fit
-from tests.conftest import quick_fit_args
+from lctrain.data.prepare import prepare
+from lctrain.data.tasks import CopyTask
+from lctrain.training.cli import fit
+from tests.helpers import quick_fit_args
 
 
 def metric_keys(run_dir) -> set[str]:

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from platform.data import prepare as prepare_module
-from platform.data.corpus import split_documents
-from platform.data.prepare import prepare
-from platform.data.shards import TokenShards
-from platform.data.tasks import PasskeyTask
-from platform.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
-from tests.conftest import REPO
+from lctrain.data import prepare as prepare_module
+from lctrain.data.corpus import split_documents
+from lctrain.data.prepare import prepare
+from lctrain.data.shards import TokenShards
+from lctrain.data.tasks import PasskeyTask
+from lctrain.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
+from tests.helpers import REPO
 
 TEXTS = [f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i % 5) for i in range(12)]
 
@@ -77,7 +77,7 @@ def test_a_directory_with_only_slow_tokenizer_files_is_converted_offline(tmp_pat
     train_bpe(TEXTS * 3, 300).backend.model.save(str(tmp_path))  # vocab.json + merges.txt, as GPT-2 ships them
     config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    from platform.data.tokenizer import tokenizer_from_path
+    from lctrain.data.tokenizer import tokenizer_from_path
 
     tok = tokenizer_from_path(tmp_path)
     assert tok.encode(TEXTS[0]) == train_bpe(TEXTS * 3, 300).encode(TEXTS[0])
@@ -203,7 +203,7 @@ def test_the_command_reports_bad_input_in_one_line(tmp_path):
 
 
 def test_help_explains_every_option_and_each_task_lists_its_parameters(capsys):
-    from platform.data.prepare import prepare_cli
+    from lctrain.data.prepare import prepare_cli
 
     with pytest.raises(SystemExit):
         prepare_cli(["--help"])

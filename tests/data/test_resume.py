@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from platform.data.datamodule import TokenDataModule
-from platform.data.layouts import Geometry, TokenStream, make_layout
-from platform.data.shards import ShardWriter, TokenShards, atomic_directory, token_dtype, write_index
-from platform.data.tokenizer import ByteTokenizer
+from lctrain.data.datamodule import TokenDataModule
+from lctrain.data.layouts import Geometry, TokenStream, make_layout
+from lctrain.data.shards import ShardWriter, TokenShards, atomic_directory, token_dtype, write_index
+from lctrain.data.tokenizer import ByteTokenizer
 
 
 class Recorder(L.LightningModule):

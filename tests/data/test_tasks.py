@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from platform.data.tasks import CopyTask, MQARTask, PasskeyTask
-from platform.data.tokenizer import ByteTokenizer, train_bpe
+from lctrain.data.tasks import CopyTask, MQARTask, PasskeyTask
+from lctrain.data.tokenizer import ByteTokenizer, train_bpe
 
 BYTES = ByteTokenizer()
 

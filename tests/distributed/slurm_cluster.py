@@ -1,7 +1,7 @@
 """A real SLURM on this machine for the tests: munged, slurmctld and three slurmd, started and stopped by PID.
 
 One node named after this host (2 CPUs, partition `single`) and two fake nodes n1 and n2 on the same
-machine (1 CPU each, partition `multi`, ENVIRONMENT.md "A real SLURM on one machine"). Every file lives in
+machine (1 CPU each, partition `multi`). Every file lives in
 a fresh directory; the daemons run in the foreground as children of the test process, so stopping them
 is a signal to a known PID. Needs root and `apt-get install -y slurm-wlm munge` (.ci/run installs them).
 """

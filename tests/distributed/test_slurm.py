@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, pause_at_step_callback, process_alive, wait_for
 from tests.distributed.slurm_cluster import INSTALL, LocalSlurm, missing_binaries
+from tests.helpers import REPO, pause_at_step_callback, process_alive, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -108,8 +108,8 @@ def test_multinode_template_completes_with_one_rank_on_each_of_two_nodes(slurm, 
 def test_usr1_saves_requeues_and_the_restarted_job_resumes_the_same_wandb_run(slurm, tmp_path, builtin_data):
     run, steps, gate = tmp_path / "run", 60, tmp_path / "gate"
     loggers = (
-        '[{"class_path": "platform.training.loggers.CSVLogger"}, '
-        '{"class_path": "platform.training.loggers.WandbLogger", "init_args": {"project": "slurm-test"}}]'
+        '[{"class_path": "lctrain.training.loggers.CSVLogger"}, '
+        '{"class_path": "lctrain.training.loggers.WandbLogger", "init_args": {"project": "slurm-test"}}]'
     )
     pause = pause_at_step_callback(6, gate)  # both ranks wait at step 6 until the signal is on its way
     job = submit(

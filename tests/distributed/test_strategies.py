@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from platform.training.cli import fit, run_entry_point
-from platform.training.consolidate import export_checkpoint
-from platform.training.inference import generate_text
-from tests.conftest import REPO, free_port, quick_fit_args
+from lctrain.cluster.consolidate import export_checkpoint
+from lctrain.inference.generation import generate_text
+from lctrain.training.cli import fit, run_entry_point
+from tests.helpers import REPO, free_port, quick_fit_args
 
 pytestmark = pytest.mark.slow
 STEPS = 4

@@ -1,4 +1,4 @@
-"""The model contract, checked for every registered architecture at its debug size (STYLE.md 2.2)."""
+"""The model contract, checked for every registered architecture at its debug size."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
-from platform.models import ModelOutput, ModelState, build_model, count_parameters, list_models
-from platform.models.registry import FAMILIES
+from lctrain.models import ModelOutput, ModelState, build_model, count_parameters, list_models
+from lctrain.models.contract import LanguageModel, State
+from lctrain.models.registry import FAMILIES
 
 ARCHS = sorted(FAMILIES)
 B, T = 2, 13
@@ -141,6 +143,65 @@ def test_loss_falls_well_below_uniform_on_a_repeated_batch(arch):
     assert loss.item() < 0.3 * math.log(model.config.vocab_size)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_and_state_follow_the_declared_contract(arch):
+    model = debug_model(arch)
+    assert isinstance(model, LanguageModel)
+    assert isinstance(model.blocks, nn.ModuleList) and len(model.blocks) > 0
+    assert isinstance(model.embed, nn.Embedding) and model.embed.num_embeddings == model.config.vocab_size
+    for name, layer in model.moe_layers():
+        assert model.get_submodule(name) is layer
+        assert layer.tokens_per_expert.ndim == 1 and callable(layer.reset_counters)
+    state = model(tokens(model)).state
+    assert isinstance(state, State)
+    assert isinstance(state.detach(), State) and isinstance(state.to("cpu", torch.float64), State)
+    assert isinstance(state.reset_rows(torch.tensor([True, False])), State)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_init_weights_sets_every_parameter_of_a_model_materialised_from_meta(arch):
+    """What a sharded strategy relies on: storage from `to_empty` holds garbage (NaN here) until init_weights,
+    which then draws the same weights from the same seed."""
+    with torch.device("meta"):
+        model = build_model(arch, "debug")
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan") if tensor.is_floating_point() else 7)
+    torch.manual_seed(3)
+    model.init_weights()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.isfinite(tensor).all(), name
+    again = build_model(arch, "debug")
+    torch.manual_seed(3)
+    again.init_weights()
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+RESET_CASES = [(arch, {}) for arch in ARCHS] + [("lswt", dict(cache_len=8, n_registers=2))]  # + XL memory
+
+
+@pytest.mark.parametrize("arch,overrides", RESET_CASES, ids=[f"{a}{'-xl' if o else ''}" for a, o in RESET_CASES])
+def test_a_reset_row_continues_as_a_fresh_start_and_the_other_rows_are_untouched(arch, overrides):
+    """float64, 3 rows with row 1 reset, over the chunk after the reset and the one after that. Equal to
+    1e-12: a mixture of experts batches row 1 with the others or alone, which rounds a matmul differently."""
+    model = debug_model(arch, torch.float64, **overrides)
+    past, first, second = (tokens(model, b=3, t=t, seed=s) for t, s in [(11, 1), (9, 2), (5, 3)])
+    state = model(past).state
+    reset = torch.tensor([False, True, False])
+    reset_state = state.reset_rows(reset)
+    out = model(first, state=reset_state)
+    fresh, kept = model(first[1:2]), model(first, state=state)
+    torch.testing.assert_close(out.logits[1:2], fresh.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits[[0, 2]], kept.logits[[0, 2]], rtol=0, atol=1e-12)
+    assert not torch.allclose(kept.logits[1:2], fresh.logits, atol=1e-6)  # row 1's past mattered: the reset did
+    out = model(second, state=out.state)
+    torch.testing.assert_close(out.logits[1:2], model(second[1:2], state=fresh.state).logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits[[0, 2]], model(second, state=kept.state).logits[[0, 2]], rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(first, state=state).logits, kept.logits, rtol=0, atol=0)  # `state` unchanged
+
+
 @pytest.mark.parametrize("arch,size", list_models())
 def test_every_named_size_builds_on_the_meta_device(arch, size):
     with torch.device("meta"):
@@ -165,6 +226,6 @@ def test_unknown_architecture_is_named():
 
 
 def test_importing_models_does_not_import_lightning():
-    code = "import sys, platform.models; print('lightning' in sys.modules, 'pytorch_lightning' in sys.modules)"
+    code = "import platform, sys, lctrain.models; print('lightning' in sys.modules, 'pytorch_lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

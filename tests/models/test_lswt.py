@@ -1,16 +1,18 @@
 """LSWT: the float64 reference, the XL cache, reversed and scaled RoPE, registers, row resets, sizes
-(ARCHITECTURES.md §3 and the acceptance checks §5 items 15-20 and 23)."""
+(docs/architectures.md and the acceptance checks §5 items 15-20 and 23)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from platform.models import build_model, count_parameters
-from platform.models.layers.attention import attention
-from platform.models.layers.rope import RotaryScaling
+from lctrain.models import build_model, config_for, count_parameters
+from lctrain.models.layers.attention import attention
+from lctrain.models.layers.rope import RotaryScaling
+from lctrain.models.lswt import SEED_NAMES, LSWTConfig
 from tests.reference.lswt import lswt_logits
 
 # A small model whose every axis differs: D 24, 3 heads of 8, F 40, d_vocab 20, V 37, 2 layers.
@@ -219,6 +221,32 @@ def test_config_errors_name_the_key():
         build_model("lswt", "debug", n_registers=2, self_extend={"group_size": 2, "window_size": 4})
     with pytest.raises(ValueError, match="model.n_registers=-1 must be >= 0"):
         build_model("lswt", "debug", n_registers=-1)
+
+
+# --- the seed's parameter names --------------------------------------------------------------------------
+def test_the_seeds_names_are_converted_to_the_config_fields():
+    """The seed's LSWTConfig names and its Hugging Face attribute_map, through the one converter."""
+    seed = dict(d_ffn=96, rope_base_freq=1000.0, enable_bias=False, num_hidden_layers=3, num_attention_heads=2)
+    config = config_for("lswt", "debug", **seed, max_position_embeddings=128, rope_dynamic=True)
+    assert (config.d_ff, config.rope_base, config.bias, config.n_layers, config.n_heads) == (96, 1000.0, False, 3, 2)
+    assert config.rope_positions == 128
+    assert config_for("lswt", "tiny", hidden_size=1536).d_model == 1536
+    fields = {f.name for f in dataclasses.fields(LSWTConfig)}
+    assert not fields & set(SEED_NAMES) and set(SEED_NAMES.values()) <= fields
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (dict(d_ffn=96, d_ff=128), ("d_ffn", "d_ff")),
+        (dict(d_ffn=96, intermediate_size=96), ("d_ffn", "intermediate_size")),
+    ],
+    ids=["seed-and-field", "two-seed-names"],
+)
+def test_a_field_given_under_two_names_is_an_error_naming_both(overrides, named):
+    with pytest.raises(ValueError, match="lswt config field 'd_ff' is given twice") as error:
+        config_for("lswt", "debug", **overrides)
+    assert all(f"'{name}'" in str(error.value) for name in named), error.value
 
 
 # --- the attention kernel ------------------------------------------------------------------------------

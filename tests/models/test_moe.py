@@ -1,4 +1,4 @@
-"""The shared mixture-of-experts layer (platform/models/layers/moe.py; ARCHITECTURES.md §4, §5 item 28).
+"""The shared mixture-of-experts layer (platform/models/layers/moe.py; docs/architectures.md).
 
 Sizes: D 24, expert rank 8, 5 experts, top-2, 2 x 13 tokens; float64 against tests/reference/moe.py.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 
-from platform.models.layers.moe import MoE, load_balance_loss, router_entropy_loss
+from lctrain.models.layers.moe import MoE, load_balance_loss, router_entropy_loss
 from tests.reference.moe import balance_loss, moe_forward, route_token, router_entropy
 
 D, R, E, K = 24, 8, 5, 2

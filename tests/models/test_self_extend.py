@@ -1,6 +1,6 @@
 """SelfExtend: the merged distances, both implementations, decoding, padding and the LSWT integration.
 
-Checks ARCHITECTURES.md §5 items 9-12 and 14 (13, the passkey run, needs a trained model). Float64
+Checks docs/architectures.md items 9-12 and 14 (13, the passkey run, needs a trained model). Float64
 comparisons hold to 1e-12 and float32 ones to 1e-6 (absolute, on outputs of magnitude ~1), unless a
 test says otherwise. Axes have distinct sizes (B 3, H 4, Hkv 2, T 29, S 37, Dh 6) so a swap fails.
 """
@@ -12,12 +12,12 @@ import logging
 import pytest
 import torch
 
-from platform.models import build_model
-from platform.models import self_extend as self_extend_module
-from platform.models.layers.attention import CausalSelfAttention, attention
-from platform.models.layers.banded_attention import banded_attention, causal_window
-from platform.models.layers.rope import query_key_positions, rotate
-from platform.models.self_extend import (
+from lctrain.models import build_model
+from lctrain.models.layers import self_extend as self_extend_module
+from lctrain.models.layers.attention import CausalSelfAttention, attention
+from lctrain.models.layers.banded_attention import banded_attention, causal_window
+from lctrain.models.layers.rope import query_key_positions, rotate
+from lctrain.models.layers.self_extend import (
     SelfExtendConfig,
     extension_length,
     grouped_query_positions,
@@ -82,7 +82,7 @@ def test_input_beyond_the_extension_length_warns_once(caplog, monkeypatch):
     monkeypatch.setattr(self_extend_module, "_warned", set())  # "once" is per process; start this test fresh
     q, k, v = qkv(b=1, h=2, hkv=2, t=1, s=105, dh=4)
     kw = dict(group_size=4, window_size=8, pretrained_len=32)
-    with caplog.at_level(logging.WARNING, logger="platform.models.self_extend"):
+    with caplog.at_level(logging.WARNING, logger="lctrain.models.layers.self_extend"):
         self_extend_attention(q, k[:, :, :104], v[:, :, :104], **kw)
         assert not caplog.records
         self_extend_attention(q, k, v, **kw)

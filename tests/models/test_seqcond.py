@@ -1,5 +1,5 @@
 """SeqCond: the condenser against a float64 loop, its scan paths, relative decay, decoding state, the
-hybrid stack and its sizes (ARCHITECTURES.md §5 items 1-8, with §0's relative decay)."""
+hybrid stack and its sizes (docs/architectures.md items 1-8, with §0's relative decay)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from platform.models import build_model, config_for, count_parameters
-from platform.models.condenser import CondenserState, SequenceCondenser, decayed_prefix_sum
-from platform.models.seqcond import SeqCond, SeqCondConfig
+from lctrain.models import build_model, config_for, count_parameters
+from lctrain.models.condenser import CondenserState, SequenceCondenser, decayed_prefix_sum
+from lctrain.models.seqcond import SeqCond, SeqCondConfig
+from lctrain.models.seqcond_config import SEED_NAMES, from_seed_names
 from tests.reference import seqcond as reference
 
 # §5.1-5.2's model: D=64, 4 layers, ratio 1, K=8, K_q=4, M=2.
@@ -307,18 +308,36 @@ def test_untied_head_adds_one_vocabulary_matrix():
     assert untied(ids(1, 5)).logits.shape == (1, 5, 97)
 
 
-def test_seed_factory_names_are_accepted_and_win_over_a_preset():
-    """The seed README's call, names as written there."""
-    config = SeqCondConfig(
+def test_seed_factory_names_are_converted_to_the_config_fields():
+    """The seed README's call, names as written there (plus G3's num_kv_heads): one converter turns them into
+    the fields, which are the config's only names."""
+    seed_call = dict(
         d_model=512, d_ff=2048, num_layers=6, vocab_size=10000, maxlen=512, num_heads=8, seqcond_ratio=2,
-        num_thetas=4, dropout=0.1, tie_weights=True, use_conv=True, conv_kernel_size=4,
+        num_thetas=4, dropout=0.1, tie_weights=True, use_conv=True, conv_kernel_size=4, num_kv_heads=2,
     )  # fmt: skip
-    assert (config.n_layers, config.n_heads, config.max_seq_len) == (6, 8, 512)
-    assert (config.num_layers, config.num_heads, config.maxlen) == (None, None, None)
+    config = SeqCondConfig(**from_seed_names(seed_call))
+    assert (config.n_layers, config.n_heads, config.max_seq_len, config.n_kv_heads) == (6, 8, 512, 2)
+    fields = {f.name for f in dataclasses.fields(SeqCondConfig)}
+    assert not fields & set(SEED_NAMES) and set(SEED_NAMES.values()) <= fields
     assert dataclasses.replace(config, n_layers=3).n_layers == 3
-    assert config_for("seqcond", "large", num_layers=12).n_layers == 12
     with torch.device("meta"):
         assert len(SeqCond(config).blocks) == 6
+
+
+def test_config_for_takes_seed_names_over_a_preset():
+    config = config_for("seqcond", "small", num_layers=4, num_kv_heads=6)
+    assert (config.n_layers, config.n_kv_heads, config.d_model) == (4, 6, 768)
+
+
+@pytest.mark.parametrize("seed_name,name", list(SEED_NAMES.items()))
+def test_a_field_given_under_both_names_is_an_error_naming_both(seed_name, name):
+    with pytest.raises(ValueError, match=f"'{name}' is given twice, as '{seed_name}' and as '{name}'"):
+        config_for("seqcond", "debug", **{seed_name: 4, name: 4})
+
+
+def test_seed_names_are_not_config_fields():
+    with pytest.raises(TypeError, match="num_layers"):
+        SeqCondConfig(num_layers=6)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +347,7 @@ def test_seed_factory_names_are_accepted_and_win_over_a_preset():
             dict(seqcond_heads=32, num_query_heads=6),
             "model.seqcond_heads=32 is not divisible by model.num_query_heads=6",
         ),
-        (dict(n_heads=4, num_kv_heads=3), "model.n_heads=4 is not divisible by model.num_kv_heads=3"),
+        (dict(n_heads=4, n_kv_heads=3), "model.n_heads=4 is not divisible by model.n_kv_heads=3"),
         (dict(d_model=60, n_heads=8), "model.d_model=60 is not divisible by model.n_heads=8"),
         (dict(num_anchor_heads=9, seqcond_heads=8), "model.num_anchor_heads=9 must be between 0"),
         (dict(num_thetas=0), "model.num_thetas=0 must be >= 1"),

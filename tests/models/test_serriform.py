@@ -1,4 +1,4 @@
-"""SerriformNet beyond the shared contract: ARCHITECTURES.md §0, §4 and acceptance checks §5 items 24-29.
+"""SerriformNet beyond the shared contract: docs/architectures.md and acceptance checks §5 items 24-29.
 
 Tiny sizes give every axis its own length: B 2, T 24, D 48, memory channels 12, FF rank 16, 5 experts,
 top-2, vocabulary 97. Tolerances are written beside each comparison.
@@ -6,16 +6,17 @@ top-2, vocabulary 97. Tolerances are written beside each comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from platform.models import build_model, count_parameters
-from platform.models.layers.scan import linear_scan
-from platform.models.sampling import generate
-from platform.models.serriform import SerriformConfig, SerriformNet
+from lctrain.models import build_model, config_for, count_parameters
+from lctrain.models.layers.scan import linear_scan
+from lctrain.models.sampling import generate
+from lctrain.models.serriform import SEED_NAMES, SerriformConfig, SerriformNet, from_seed_names
 from tests.reference.serriform import recurrence_loop, serriform_forward
 
 B, T, V = 2, 24, 97
@@ -246,8 +247,11 @@ def test_moe_layers_are_listed_and_count_tokens_only_in_training():
 # --- configuration and sizes (§5 item 29) ----------------------------------------------------------
 
 
-def test_partial_arch_config_merges_with_the_defaults():
-    config = SerriformConfig(arch_config={"use_moe": False, "conv_kernel_size": 5, "top_k": 1})
+def test_partial_arch_config_merges_with_the_named_size():
+    """The original's arch_config dict (with its `top_k`) goes through the one converter, not the dataclass."""
+    overrides = from_seed_names({"arch_config": {"use_moe": False, "conv_kernel_size": 5, "top_k": 1}})
+    assert overrides == {"use_moe": False, "conv_kernel_size": 5, "top_k_experts": 1}
+    config = SerriformConfig(**overrides)
     assert (config.use_moe, config.conv_kernel_size, config.top_k_experts) == (False, 5, 1)
     assert (config.use_conv, config.use_recurrence, config.use_lowrank_ff, config.memory_dim_factor) == (
         True,
@@ -255,19 +259,43 @@ def test_partial_arch_config_merges_with_the_defaults():
         True,
         4,
     )
-    assert config.arch_config is None  # merged once; a later dataclasses.replace does not re-apply it
     model = build_model("serriform", "debug", arch_config={"use_recurrence": False})
     assert model.config.d_model == 64 and model.blocks[0].recurrence is None
 
 
+def test_the_originals_cli_names_are_converted_to_the_config_fields():
+    config = config_for("serriform", "debug", dim=32, num_layers=2, dilation_growth=2.5, top_k=1)
+    assert (config.d_model, config.n_layers, config.conv_dilation_growth, config.top_k_experts) == (32, 2, 2.5, 1)
+    fields = {f.name for f in dataclasses.fields(SerriformConfig)}
+    assert "arch_config" not in fields and not fields & set(SEED_NAMES) and set(SEED_NAMES.values()) <= fields
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (dict(top_k=1, top_k_experts=2), ("top_k", "top_k_experts")),
+        (dict(num_layers=2, n_layers=3), ("num_layers", "n_layers")),
+        (dict(arch_config={"use_moe": False}, use_moe=True), ("arch_config.use_moe", "use_moe")),
+        (dict(arch_config={"top_k": 1}, top_k_experts=2), ("arch_config.top_k", "top_k_experts")),
+    ],
+    ids=["seed-and-field", "cli-and-field", "in-and-beside-arch-config", "alias-in-arch-config"],
+)
+def test_a_field_given_twice_is_an_error_naming_both(overrides, named):
+    with pytest.raises(ValueError, match="is given twice") as error:
+        config_for("serriform", "debug", **overrides)
+    assert all(f"'{name}'" in str(error.value) for name in named), error.value
+
+
 def test_unknown_arch_config_key_is_rejected_by_name():
     with pytest.raises(ValueError, match="model.arch_config has unknown key 'use_attention'; valid keys: "):
-        SerriformConfig(arch_config={"use_conv": False, "use_attention": True})
+        config_for("serriform", "debug", arch_config={"use_conv": False, "use_attention": True})
 
 
-def test_training_settings_in_arch_config_point_to_the_training_config():
+@pytest.mark.parametrize("where", ["arch_config", "beside"])
+def test_training_settings_of_the_original_point_to_the_training_config(where):
+    overrides = {"arch_config": {"entropy_weight": 0.01}} if where == "arch_config" else {"entropy_weight": 0.01}
     with pytest.raises(ValueError, match="'entropy_weight' is a training setting; set the weight of the 'router"):
-        SerriformConfig(arch_config={"entropy_weight": 0.01})
+        config_for("serriform", "debug", **overrides)
 
 
 @pytest.mark.parametrize(
@@ -287,11 +315,11 @@ def test_invalid_settings_give_one_line_errors_naming_the_key(overrides, message
     assert "\n" not in str(error.value)
 
 
-def test_default_size_has_the_documented_parameter_count():
+def test_tiny_size_the_originals_default_has_the_documented_parameter_count():
     """67,350,097: the original's code had 79.2M (76.8M without its unused projections) because its
     parallel-branch block held D x D experts and a D + m -> D recurrence projection."""
     with torch.device("meta"):
-        model = build_model("serriform", "default")
+        model = build_model("serriform", "tiny")
     assert count_parameters(model) == 67_350_097
     config = model.config
     assert (config.vocab_size, config.d_model, config.n_layers) == (50257, 512, 12)

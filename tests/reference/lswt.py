@@ -1,4 +1,4 @@
-"""LSWT in float64, written from the equations of ARCHITECTURES.md §3.1 as plain loops over tokens.
+"""LSWT in float64, written from the equations of docs/architectures.md as plain loops over tokens.
 
 Every token is rotated by an explicit angle sign * position * w_i, every score is one dot product,
 and which keys a query sees is a predicate, so the reference says nothing about caches, reversed

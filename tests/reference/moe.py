@@ -1,4 +1,4 @@
-"""Float64 reference for the mixture of experts (ARCHITECTURES.md §4): one token at a time, plain loops.
+"""Float64 reference for the mixture of experts (docs/architectures.md): one token at a time, plain loops.
 
 Written from the equations, not from platform/models/layers/moe.py, and never imported by platform/.
 """

@@ -1,4 +1,4 @@
-"""SelfExtend in float64, written from the equations of ARCHITECTURES.md §2.1-2.2 as plain loops.
+"""SelfExtend in float64, written from the equations of docs/architectures.md as plain loops.
 
 Every score uses the official decoding form: the query stays unrotated and the key is rotated by
 minus its merged distance (plus under reversed RoPE), one pair at a time; the platform instead rotates

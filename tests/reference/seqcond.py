@@ -1,4 +1,4 @@
-"""The SeqCond condenser (ARCHITECTURES.md §1.1 with §0's relative decay) as float64 loops over positions.
+"""The SeqCond condenser (docs/architectures.md with §0's relative decay) as float64 loops over positions.
 
 Written from the equations, not from platform/: complex numbers are complex128, the conv is a loop over
 taps, and each condensed state is the direct double sum over the tokens seen, without any scan:

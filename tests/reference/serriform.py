@@ -1,4 +1,4 @@
-"""Float64 reference for SerriformNet (ARCHITECTURES.md §0 and §4): one token at a time, plain loops.
+"""Float64 reference for SerriformNet (docs/architectures.md): one token at a time, plain loops.
 
 Runs every token through every block as a recurrent decoder would, from the equations: rotary gate,
 RMSNorm, causal dilated depthwise conv as a sum over past inputs, h_t = alpha h_{t-1} + beta x_t,

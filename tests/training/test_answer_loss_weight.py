@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from platform.training.losses import answer_weighted_ce, token_nll
-from platform.training.module import LanguageModelModule
+from lctrain.training.losses import answer_weighted_ce, token_nll
+from lctrain.training.module import LanguageModelModule
 from tests.reference.answer_match import answer_weighted_ce as reference
 from tests.training.test_answer_metric import answer_batch
 

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from platform.training.metrics import AnswerExactMatch
+from lctrain.training.metrics import AnswerExactMatch
 from tests.reference.answer_match import answer_exact_match
 
 

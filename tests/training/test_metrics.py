@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from platform.training.losses import token_nll
-from platform.training.metrics import Perplexity, TokenAccuracy, TokenWeightedMean
+from lctrain.training.losses import token_nll
+from lctrain.training.metrics import Perplexity, TokenAccuracy, TokenWeightedMean
 
 IGNORE = -100
 

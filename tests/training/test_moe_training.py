@@ -1,5 +1,5 @@
 """Training a mixture-of-experts model: aux losses in the loss, expert-usage monitoring on one process
-and on two ranks, the synced validation balance loss (ARCHITECTURES.md §0 SerriformNet, §5 item 28).
+and on two ranks, the synced validation balance loss (docs/architectures.md).
 
 SerriformNet `debug` (3 MoE layers, 4 experts, top-2) without router noise, so routing depends only on
 the weights and the tokens. The runs use float64, where a different batch shape cannot flip a near-tie
@@ -14,11 +14,11 @@ import lightning as L
 import pytest
 import torch
 
-from platform.training.callbacks import ExpertUsageMonitor, moe_layer_key
-from platform.training.loggers import CSVLogger
-from platform.training.losses import token_nll
-from platform.training.module import LanguageModelModule
-from tests.conftest import free_port
+from lctrain.training.callbacks import ExpertUsageMonitor, moe_layer_key
+from lctrain.training.loggers import CSVLogger
+from lctrain.training.losses import token_nll
+from lctrain.training.module import LanguageModelModule
+from tests.helpers import free_port
 
 V, T, ROWS = 61, 16, 8  # ROWS training rows: two optimizer steps of ROWS // 2 rows over all ranks
 

@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 
 from benchmarks.activation_memory import estimated_activation_peak, measured_activation_peak
-from platform.models.registry import config_for
-from platform.training.cli import fit, run_entry_point
-from platform.training.planner import GiB, Layout, check_fits, plan_memory
+from lctrain.cluster.planner import GiB, Layout, check_fits, plan_memory
+from lctrain.models.registry import config_for
+from lctrain.training.cli import fit, run_entry_point
 
 XL_ON_ONE_NODE = Layout(
     strategy="fsdp2", precision="bf16-mixed", activation_checkpointing=True, micro_batch=4, seq_len=2048,

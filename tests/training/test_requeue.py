@@ -12,8 +12,8 @@ import lightning as L
 import pytest
 import torch
 
-from platform.training.cli import fit
-from tests.conftest import REPO, quick_fit_args
+from lctrain.training.cli import fit
+from tests.helpers import REPO, quick_fit_args
 
 
 class SignalAtBatch(L.Callback):

@@ -1,4 +1,4 @@
-"""SimCTG (ARCHITECTURES.md §3.3, §5 item 21): its values at the extremes, pads, the float64 pair loop,
+"""SimCTG (docs/architectures.md): its values at the extremes, pads, the float64 pair loop,
 and its place in training as the named aux loss "simctg"."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import lightning as L
 import pytest
 import torch
 
-from platform.training.losses import simctg_loss
-from platform.training.module import LanguageModelModule
+from lctrain.training.losses import simctg_loss
+from lctrain.training.module import LanguageModelModule
 from tests.reference.lswt import simctg
 
 

@@ -1,5 +1,5 @@
 """SophiaG and its Gauss-Newton-Bartlett Hessian refresh: the update rule, the estimator, the refresh
-inside training (gradient accumulation, two real DDP ranks) (ARCHITECTURES.md §3.3, §5 item 22)."""
+inside training (gradient accumulation, two real DDP ranks) (docs/architectures.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from platform.training.module import LanguageModelModule
-from platform.training.sophia import SophiaG, gauss_newton_bartlett
+from lctrain.training.module import LanguageModelModule
+from lctrain.training.sophia import SophiaG, gauss_newton_bartlett
 
 
 def test_update_follows_the_clipped_rule_and_moves_no_coordinate_by_more_than_lr():

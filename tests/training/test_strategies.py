@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from platform.models.registry import build_model
-from platform.training.strategies import Parallelism, checkpoint_blocks, family_of, repeated_blocks
-from tests.conftest import REPO
+from lctrain.cluster.strategies import Parallelism, checkpoint_blocks, family_of, repeated_blocks
+from lctrain.models.registry import build_model
+from tests.helpers import REPO
 
 
 def loss_and_grads(model, ids):

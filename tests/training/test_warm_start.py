@@ -1,15 +1,15 @@
 """Warm-start embeddings from a local Hugging Face directory: a tiny OPT model and tokenizer that the
-tests create and save themselves (never a download) (ARCHITECTURES.md §0, §3.1)."""
+tests create and save themselves (never a download) (docs/architectures.md)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from platform.data.tokenizer import load_tokenizer, tokenizer_from_path
-from platform.models import build_model
-from platform.training.module import LanguageModelModule
-from platform.training.warm_start import read_input_embeddings, warm_start_embeddings
+from lctrain.data.tokenizer import load_tokenizer, tokenizer_from_path
+from lctrain.models import build_model
+from lctrain.training.module import LanguageModelModule
+from lctrain.training.warm_start import read_input_embeddings, warm_start_embeddings
 
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door " * 4
 

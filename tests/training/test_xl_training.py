@@ -1,5 +1,5 @@
 """Transformer-XL training of LSWT on the "streams" layout: the carried cache per accumulation slot,
-row resets, evaluation with the cache, and exact resume from a checkpoint (ARCHITECTURES.md §0, §3.3).
+row resets, evaluation with the cache, and exact resume from a checkpoint (docs/architectures.md).
 
 `StreamsData` is a small stand-in for the platform's streams layout with the same batch contract:
 `input_ids`, `targets` (B, T), `reset` (B,); row r of micro-batch n continues row r of micro-batch
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from platform.training.module import LanguageModelModule
+from lctrain.training.module import LanguageModelModule
 
 B, T, VOCAB = 2, 8, 37
 MODEL = dict(vocab_size=VOCAB, d_vocab=20, d_model=24, n_heads=3, d_ff=40, n_layers=2, n_registers=2)

@@ -1,13 +1,8 @@
-"""Causal attention: the kernel choice (flash-attn or SDPA) and the self-attention layer with a KV state.
-
-`attention()` is the one place that picks a kernel: flash-attn when it is installed, the tensors are
-on CUDA and in fp16/bf16; PyTorch's `scaled_dot_product_attention` otherwise. The choice is logged
-once. Both scale scores by 1/sqrt(head_dim) and align the causal mask bottom-right, so queries that
-follow a cache of keys (S > T) see the whole cache.
+"""Causal self-attention with a KV state, over the kernels of layers/kernels.py.
 
 `CausalSelfAttention` is shared by every family with RoPE attention. Its state holds keys *before*
 rotation, so they can be re-rotated at any later length (reversed RoPE, SelfExtend). With a
-`SelfExtendConfig` it attends through SelfExtend (platform/models/self_extend.py) instead, with the
+`SelfExtendConfig` it attends through SelfExtend (layers/self_extend.py) instead, with the
 same parameters, so a model trained without it runs with it. Optional: attention registers (LSWT,
 §0/§3.1), NTK/dynamic RoPE scaling, and a per-row validity mask on the state, so a batch row can
 drop its cached past (a new stream begins) while the other rows keep theirs.
@@ -16,102 +11,16 @@ drop its cached past (a new stream begins) while the other rows keep theirs.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
-import logging
-from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from platform.models.layers.norm import RMSNorm
-from platform.models.layers.rope import RotaryScaling, query_key_positions, rotate
-from platform.models.output import ModelState
-
-if TYPE_CHECKING:
-    from platform.models.self_extend import SelfExtendConfig
-
-log = logging.getLogger(__name__)
-
-Backend = Literal["auto", "sdpa", "flash"]
-
-
-@functools.cache
-def _log_once(message: str) -> None:
-    """Log a kernel choice once per process, and only on rank zero when distributed."""
-    if (
-        not torch.distributed.is_available()
-        or not torch.distributed.is_initialized()
-        or torch.distributed.get_rank() == 0
-    ):
-        log.info(message)
-
-
-@functools.cache
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = True,
-    backend: Backend = "auto",
-    key_mask: Tensor | None = None,
-    scale: float | None = None,
-) -> Tensor:
-    """Softmax attention. q (B, H, T, Dk); k (B, Hkv, S, Dk); v (B, Hkv, S, Dv); H % Hkv == 0, S >= T.
-
-    With `causal`, query i sits at key index S - T + i and sees keys up to there (bottom-right
-    alignment). `key_mask` (B, S) bool hides keys where False (a row's dropped past); the caller
-    keeps at least one key visible per query. `scale` defaults to 1/sqrt(Dk). Returns (B, H, T, Dv).
-    """
-    use_flash = key_mask is None and (
-        backend == "flash"
-        or (backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available())
-    )
-    if use_flash:
-        if not flash_attn_available():
-            raise ImportError(
-                "attention backend='flash' needs flash-attn and a CUDA GPU; "
-                "install it with `pip install flash-attn --no-build-isolation` or use backend='sdpa'"
-            )
-        _log_once("attention kernel: flash-attn")
-        from flash_attn import flash_attn_func
-
-        Dv = v.shape[-1]
-        if Dv != q.shape[-1]:  # flash needs one head size: pad the values, drop the padding after
-            v = F.pad(v, (0, q.shape[-1] - Dv))  # (B, Hkv, S, Dk)
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|S, H|Hkv, Dk)
-        out = flash_attn_func(qt, kt, vt, causal=causal, softmax_scale=scale)  # (B, T, H, Dk)
-        return out.transpose(1, 2)[..., :Dv]  # (B, H, T, Dv)
-
-    if key_mask is not None and backend == "flash":
-        _log_once("attention kernel: torch scaled_dot_product_attention for calls with a key mask")
-    _log_once("attention kernel: torch scaled_dot_product_attention")
-    T, S = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
-    sdpa = functools.partial(F.scaled_dot_product_attention, scale=scale, enable_gqa=gqa)
-    if key_mask is not None:
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
-        if causal and T > 1:
-            mask = mask & causal_mask(T, S, q.device)  # (B, 1, T, S)
-        return sdpa(q, k, v, attn_mask=mask)
-    if not causal or T == 1:  # one query after a cache sees every key
-        return sdpa(q, k, v)
-    if T == S:
-        return sdpa(q, k, v, is_causal=True)
-    return sdpa(q, k, v, attn_mask=causal_mask(T, S, q.device))
-
-
-def causal_mask(n_queries: int, n_keys: int, device=None) -> Tensor:
-    """(T, S) bool, True where query i may see key j: j <= i + (S - T)."""
-    i = torch.arange(n_queries, device=device).unsqueeze(1)
-    j = torch.arange(n_keys, device=device)
-    return j <= i + (n_keys - n_queries)
+from ..contract import exclude_from_weight_decay
+from ..output import ModelState
+from .kernels import Backend, attention
+from .norm import RMSNorm
+from .rope import RotaryScaling, query_key_positions, rotate
+from .self_extend import SelfExtendConfig, self_extend_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +101,11 @@ class CausalSelfAttention(nn.Module):
         self.key = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.value = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        exclude_from_weight_decay(
+            *(linear.bias for linear in (self.query, self.key, self.value, self.out)),
+            getattr(self, "register_keys", None),
+            getattr(self, "register_values", None),
+        )  # registers are learned keys and values, not weights: decay would fade them toward a zero key
         # Without a learned scale (qk_norm_affine=False) the norm commutes with the rotation, which keeps
         # each head vector's length: normalising before RoPE equals normalising after it (SeqCond, §1.2).
         self.q_norm = RMSNorm(self.head_dim, elementwise_affine=qk_norm_affine) if qk_norm else None
@@ -258,9 +172,6 @@ class CausalSelfAttention(nn.Module):
     def _self_extend_attention(self, q: Tensor, k: Tensor, v: Tensor, key_offset: int, valid: Tensor | None) -> Tensor:
         """SelfExtend over un-rotated q (B, H, T, Dh) and the whole key sequence k, v (B, Hkv, S, Dh); a
         reset row's hidden past is left padding to it (positions then count from the row's restart)."""
-        # imported here: self_extend builds on this module's kernels, so importing it at the top would be circular
-        from platform.models.self_extend import self_extend_attention
-
         config = self.self_extend
         return self_extend_attention(
             q,

@@ -1,6 +1,6 @@
 """Softmax attention over a band of query-key offsets, returning its log-sum-exp (lse) as well.
 
-SelfExtend's two-pass merge (ARCHITECTURES.md §2.2) attends once over the neighbour band and once over
+SelfExtend's two-pass merge (docs/architectures.md) attends once over the neighbour band and once over
 the grouped band, then combines the passes exactly through their lse. flash-attn returns the lse on
 CUDA; elsewhere a blockwise online softmax (running max and sum over key blocks, as FlashAttention
 does) computes it without a (T, S) score matrix, so memory grows as T·block instead of T². Measured
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from platform.models.layers.attention import Backend, _log_once, flash_attn_available
+from .kernels import Backend, flash_attn_available, log_once
 
 
 def banded_attention(
@@ -46,9 +46,9 @@ def banded_attention(
                 "banded attention backend='flash' needs flash-attn, a CUDA GPU, a causal band and no key mask; "
                 "install it with `pip install flash-attn --no-build-isolation` or use backend='sdpa'"
             )
-        _log_once("banded attention kernel: flash-attn")
+        log_once("banded attention kernel: flash-attn")
         return _flash_band(q, k, v, lo, hi)
-    _log_once("banded attention kernel: blockwise online softmax")
+    log_once("banded attention kernel: blockwise online softmax")
     return _blockwise_band(q, k, v, lo, hi, key_mask, block_size)
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..contract import exclude_from_weight_decay
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -22,6 +24,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, 2 * d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
+        exclude_from_weight_decay(self.up.bias, self.down.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         u, g = self.up(x).chunk(2, dim=-1)  # (B, T, F) each
@@ -42,6 +45,7 @@ class LowRankFF(nn.Module):
         self.activation, self.out_std = activation, out_std
         self.down = nn.Linear(d_model, rank, bias=bias)
         self.up = nn.Linear(rank, d_model, bias=bias)
+        exclude_from_weight_decay(self.down.bias, self.up.bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

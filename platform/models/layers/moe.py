@@ -1,4 +1,4 @@
-"""Mixture of experts: top-k routing over low-rank feed-forward experts (ARCHITECTURES.md §0 and §4).
+"""Mixture of experts: top-k routing over low-rank feed-forward experts (docs/architectures.md).
 
 Shared by any family that wants a sparse feed-forward stage; SerriformNet uses it when `use_moe`.
 Where many axes meet, variables carry their shape as a suffix (torchtitan's habit): T tokens (batch
@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from platform.models.layers.feed_forward import ACTIVATIONS
+from ..contract import exclude_from_weight_decay
+from .feed_forward import ACTIVATIONS
 
 
 class Routing(NamedTuple):
@@ -91,6 +92,7 @@ class MoE(nn.Module):
         self.down_bias = nn.Parameter(torch.empty(n_experts, rank))  # (E, R)
         self.up_weight = nn.Parameter(torch.empty(n_experts, rank, d_model))  # (E, R, D)
         self.up_bias = nn.Parameter(torch.empty(n_experts, d_model))  # (E, D)
+        exclude_from_weight_decay(self.router.bias, self.down_bias, self.up_bias)  # one row per expert, still biases
         self.register_buffer("tokens_per_expert", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
         self.reset_parameters()
 

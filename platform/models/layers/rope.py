@@ -1,7 +1,7 @@
 """Rotary position embeddings (Su et al. 2021), standard or reversed, in the rotate-half layout.
 
 Standard RoPE rotates a token at absolute position p by angle p * w_i. Reversed RoPE (LSWT,
-ARCHITECTURES.md §3.1) counts positions back from the newest token of the call, which sits at 0:
+docs/architectures.md) counts positions back from the newest token of the call, which sits at 0:
 the scores then depend on the negated relative offset, i.e. reversed RoPE is standard RoPE with
 negated angles. Frequencies are computed on the fly from the positions (no buffers), so a model
 built on the meta device needs nothing re-initialised here. `RotaryScaling` is LSWT's NTK-aware and
@@ -79,7 +79,7 @@ def query_key_positions(
 
 @dataclasses.dataclass(frozen=True)
 class RotaryScaling:
-    """NTK-aware RoPE scaling, static or dynamic (LSWT, ARCHITECTURES.md §3.1).
+    """NTK-aware RoPE scaling, static or dynamic (LSWT, docs/architectures.md).
 
     Static: the base becomes base * ntk_scale^(d/(d-2)) for every call. Dynamic (`dynamic_positions`
     set to the trained length L): a call over S keys uses s = max(S / L, 1), ntk = ntk_scale * s^2, and

@@ -1,6 +1,6 @@
 """A diagonal linear recurrence h_t = a * h_{t-1} + u_t, computed in parallel over time.
 
-SerriformNet's sparse recurrence (ARCHITECTURES.md §0 and §4) needs it; any family with a
+SerriformNet's sparse recurrence (docs/architectures.md) needs it; any family with a
 per-channel, time-invariant decay can use it. Within a chunk of C steps the recurrence is a
 lower-triangular Toeplitz matrix L[t, s] = a^(t-s), applied as one batched matmul, and every entry
 lies in [0, 1]: nothing is divided by a small power of `a`, which is what makes the cumulative-product

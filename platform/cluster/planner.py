@@ -1,6 +1,6 @@
 """Memory plan of a training job before it runs: `python -m platform.fit --config ... --dry_run --cluster.*`.
 
-DESIGN.md §5: nothing here can run the XL and XXL models, so for a config and a cluster shape the planner
+docs/design.md: nothing here can run the XL and XXL models, so for a config and a cluster shape the planner
 builds the model on the meta device (exact parameter counts) and estimates, per GPU, the weights, gradients
 and optimizer states under the chosen strategy and precision (ZeRO paper, Rajbhandari et al. 2020, §3), the
 parameters gathered for the blocks in flight, and the peak activation memory with and without activation
@@ -11,14 +11,15 @@ measured on CPU. A layout that does not fit is refused with one line saying what
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from platform.models.registry import count_parameters, family
-from platform.training.strategies import repeated_blocks
+from ..models.registry import count_parameters, family
+from .strategies import repeated_blocks
 
 GiB = 2**30
 # Bytes per parameter for (weights, gradients, optimizer state per moment) and per activation element
@@ -327,15 +328,15 @@ def suggest(plan: MemoryPlan) -> str:
 def plan_from_config(config: Any) -> MemoryPlan:
     """The plan of a parsed fit config (the command line's namespace), on the `cluster` shape when given and
     on trainer.num_nodes x trainer.devices otherwise."""
-    from platform.data.datamodule import TokenDataModule
-    from platform.models.registry import config_for
-    from platform.training.strategies import Parallelism, family_of
+    from ..models.spec import ModelSpec
+    from .strategies import Parallelism, family_of
 
     model, trainer, cluster = config.model, config.trainer, config.cluster
     parallelism = Parallelism(**config.parallelism.as_dict())
-    overrides = dict(model.model_config or {})
-    with contextlib.suppress(FileNotFoundError):  # data not prepared here: the named size's own vocabulary
-        overrides.setdefault("vocab_size", TokenDataModule(**config.data.as_dict()).vocab_size)
+    spec = ModelSpec.from_config(model.arch, model.size, model.model_config)
+    vocab_size = prepared_vocab_size(config.data.data_dir)  # never prepares data: a plan must be instant
+    if vocab_size is not None:
+        spec = spec.replace(vocab_size=vocab_size)
     devices = trainer.devices if isinstance(trainer.devices, int) else 1
     nodes, gpus = cluster.nodes or trainer.num_nodes or 1, cluster.gpus_per_node or devices
     strategy = parallelism.strategy if parallelism.strategy != "auto" else family_of(trainer.strategy)
@@ -360,7 +361,15 @@ def plan_from_config(config: Any) -> MemoryPlan:
         reserved_gib=cluster.reserved_gb,
         moments=MOMENTS.get(optimizer_name.rsplit(".", 1)[-1].lower(), 2),
     )
-    return plan_memory(model.arch, model.size, config_for(model.arch, model.size, **overrides), layout)
+    return plan_memory(spec.arch, spec.size, spec.config(), layout)
+
+
+def prepared_vocab_size(data_dir: str | None) -> int | None:
+    """The vocabulary of data already prepared in `data_dir` (its index), else None: the model's own."""
+    from ..data.shards import INDEX
+
+    index = Path(data_dir or "") / INDEX
+    return int(json.loads(index.read_text())["vocab_size"]) if data_dir and index.is_file() else None
 
 
 PRECISION_ALIASES = {"None": "32-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}

@@ -1,10 +1,10 @@
-"""One checkpoint file from a sharded one, for generation, evaluation and export (DESIGN.md §4, §5).
+"""One checkpoint file from a sharded one, for generation, evaluation and export (docs/design.md).
 
 Sharded checkpoints are directories: FSDP2 and FSDP1 with `parallelism.state_dict: sharded` write DCP
 files (`.metadata`, `__<rank>_0.distcp`) plus Lightning's `meta.pt`; DeepSpeed writes `checkpoint/` with
 per-rank ZeRO partitions. The single file holds the model weights under `state_dict` (keys `model.*`, as
 every Lightning checkpoint of the LanguageModelModule) and what rebuilding the model needs (hyper-parameters,
-tokenizer, step), so `platform.generate` and `platform.training.inference.load_model` read it like any
+tokenizer, step), so `platform.generate` and `platform.inference.generation.load_model` read it like any
 other checkpoint. Optimizer states are left out: training resumes from the sharded directory itself. The
 weights are read into a model built from the hyper-parameters, so only they are loaded (XL: 29 GB of host
 memory in fp32, not the 87 GB that weights and Adam states take together).
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from platform.models.registry import build_model
+from ..models.spec import ModelSpec
 
-KEPT = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "tokenizer")
+KEPT = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "model_spec", "tokenizer")
 META = "meta.pt"  # Lightning's non-tensor part of a DCP checkpoint
 
 
@@ -57,13 +57,6 @@ def consolidated(path: str | Path) -> dict[str, Any]:
     return {"state_dict": checkpoint["state_dict"], **{k: checkpoint[k] for k in KEPT if k in checkpoint}}
 
 
-def _model_of(hparams: dict[str, Any]) -> torch.nn.Module:
-    config = dict(hparams.get("model_config") or {})
-    if hparams.get("vocab_size") is not None:
-        config["vocab_size"] = hparams["vocab_size"]
-    return build_model(hparams["arch"], hparams["size"], **config)
-
-
 def _from_dcp(path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint import FileSystemReader, load
 
@@ -72,7 +65,7 @@ def _from_dcp(path: Path) -> dict[str, Any]:
     # FSDP2 (ModelParallelStrategy) stores the module's weights under "state_dict", FSDP1 under "model".
     stored = reader.read_metadata().state_dict_metadata
     section = "state_dict" if any(k.startswith("state_dict.") for k in stored) else "model"
-    weights = {f"model.{k}": v for k, v in _model_of(meta["hyper_parameters"]).state_dict().items()}
+    weights = {f"model.{k}": v for k, v in ModelSpec.from_checkpoint(meta).build().state_dict().items()}
     state = {section: weights}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -1,6 +1,6 @@
 """Parallel training strategies chosen in YAML (the `parallelism:` section), and how each one builds the model.
 
-DESIGN.md §4 (Strategies) and LANDSCAPE.md §5.4: DDP; FSDP2 (`fully_shard` per block) through Lightning's
+docs/design.md: DDP; FSDP2 (`fully_shard` per block) through Lightning's
 ModelParallelStrategy, the sharded path that also runs on CPU with gloo; Lightning's FSDPStrategy (FSDP1) and
 DeepSpeed ZeRO 1/2/3 for GPU clusters. FSDP1 and DeepSpeed refuse a CPU accelerator, so that is checked here,
 before anything starts, with one line that says what to use instead. Activation checkpointing is applied the
@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 
-from platform.training.optimizers import no_weight_decay_names
+from ..training.optimizers import no_weight_decay_names
 
 StrategyName = Literal["auto", "ddp", "fsdp2", "fsdp", "deepspeed"]
 Sharding = Literal["full", "grad_op", "hybrid"]
@@ -147,16 +147,16 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 # --- building the model under a strategy -----------------------------------------------------------------
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The elements of the model's top-level ModuleLists: the unit of sharding and of recomputation."""
-    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
+    """The model's `blocks` (models/contract.py): the unit of sharding and of recomputation."""
+    return list(model.blocks)
 
 
 def block_types(module: nn.Module) -> set[type[nn.Module]]:
     """Classes of the repeated blocks of the module's model, found on a meta-device build (FSDP1 wraps these)."""
-    from platform.models.registry import family
+    from ..models.registry import family
 
     with torch.device("meta"):
-        model = family(module.hparams.arch).model(module.model_config)
+        model = family(module.spec.arch).model(module.model_config)
     return {type(block) for block in repeated_blocks(model)}
 
 

@@ -1,4 +1,5 @@
-"""The package named `platform` keeps the standard library's `platform` module working (DESIGN.md §2)."""
+"""The folder platform/ keeps the standard library's `platform` module working when a checkout runs it
+under that name."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
+ROOT = REPO
 PROBE = (
     "import json, platform, torch, lightning, uuid; "
     "print(json.dumps([platform.system(), platform.python_version(), platform.machine(), platform.node(), "

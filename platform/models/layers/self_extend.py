@@ -3,7 +3,7 @@
 Keys closer than W to the query keep their true distance; farther keys are seen from grouped positions,
 query ⌊i/G⌋ + W - ⌊W/G⌋ and key ⌊j/G⌋, so distances grow G times slower past the window and stay inside
 the trained range. Scores of the two kinds are merged before one softmax. This is the official
-algorithm (ARCHITECTURES.md §0, §2.1-2.2, integer ⌊W/G⌋), with two implementations that agree: the
+algorithm (docs/architectures.md, integer ⌊W/G⌋), with two implementations that agree: the
 replacement merge (the reference, (T, S) scores) and the two-pass merge (memory linear in length).
 """
 
@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from platform.models.layers.attention import Backend, attention
-from platform.models.layers.banded_attention import band_mask, banded_attention, merge_by_lse
-from platform.models.layers.rope import query_key_positions, rotate
+from .banded_attention import band_mask, banded_attention, merge_by_lse
+from .kernels import Backend, attention
+from .rope import query_key_positions, rotate
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Save and requeue on SIGUSR1, at a batch end that every rank agrees on (DESIGN.md §4, SLURM).
+"""Save and requeue on SIGUSR1, at a batch end that every rank agrees on (docs/design.md, SLURM).
 
 SLURM sends SIGUSR1 some time before a job's limit (`#SBATCH --signal=SIGUSR1@90`). Saving inside the
 signal handler, as Lightning's own requeue handler does, starts a collective at a different point on each
@@ -86,7 +86,7 @@ class RequeueOnSignal(L.Callback):
 def save_now(trainer: L.Trainer) -> str:
     """Save through the run's checkpoint callback when it has one (so `last` and the kept files stay in step
     and the end-of-training save is skipped), else to `<root>/hpc_ckpt_<step>.ckpt`."""
-    from platform.training.callbacks import PeriodicCheckpoint
+    from ..training.callbacks import PeriodicCheckpoint
 
     callback = trainer.checkpoint_callback
     if isinstance(callback, PeriodicCheckpoint):

@@ -1,0 +1,52 @@
+"""Loading a trained model and its tokenizer from a checkpoint or a run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..models.layers.self_extend import as_self_extend_config
+from ..models.spec import ModelSpec
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its checkpoints/last.ckpt)."""
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
+        path = path / "checkpoints" / "last.ckpt"
+    if path.is_dir() and (path / "meta.pt").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {path} is a sharded checkpoint; make one file with "
+            f"`python -m platform.export --checkpoint {path} --out model.ckpt` and pass that"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {path} is neither a checkpoint file nor a run directory with checkpoints/last.ckpt"
+        )
+    return path
+
+
+def load_model(path: str | Path, *, device: str = "cpu", **overrides: Any) -> tuple[nn.Module, Tokenizer]:
+    """Rebuild the model a checkpoint was trained with, load its weights, and its tokenizer.
+
+    `overrides` replace model config fields with inference-only options, e.g. `self_extend`; a SelfExtend
+    config without `pretrained_len` gets the trained context (the data's seq_len plus any XL cache), so
+    it can warn when a prompt grows past what SelfExtend covers.
+    """
+    ckpt = torch.load(checkpoint_file(path), map_location="cpu", weights_only=True)
+    spec = ModelSpec.from_checkpoint(ckpt).replace(**overrides)
+    self_extend = as_self_extend_config(spec.overrides.get("self_extend"))
+    trained_len = (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len")
+    if self_extend is not None and self_extend.pretrained_len is None and trained_len is not None:
+        trained_len += spec.overrides.get("cache_len", 0) or 0
+        spec = spec.replace(self_extend=dataclasses.replace(self_extend, pretrained_len=trained_len))
+    model = spec.build()
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    tokenizer = load_tokenizer(ckpt.get("tokenizer") or {"kind": "bytes"})
+    return model.to(device).eval(), tokenizer
