@@ -52,5 +52,5 @@ if __name__ == "platform":
             init = _os.path.join(here, "__init__.py")
             return _importlib_util.spec_from_file_location(fullname, init, submodule_search_locations=[here])
 
-    if "lctrain" not in _sys.modules and not any(isinstance(f, _CheckoutFinder) for f in _sys.meta_path):
+    if "lctrain" not in _sys.modules:
         _sys.meta_path.insert(0, _CheckoutFinder())

@@ -4,9 +4,9 @@ Sharded checkpoints are directories: FSDP2 and FSDP1 with `parallelism.state_dic
 files (`.metadata`, `__<rank>_0.distcp`) plus Lightning's `meta.pt`; DeepSpeed writes `checkpoint/` with
 per-rank ZeRO partitions. The single file holds the model weights under `state_dict` (keys `model.*`, as
 every Lightning checkpoint of the LanguageModelModule) and what rebuilding the model needs (hyper-parameters,
-tokenizer, step), so `platform.generate` and `platform.inference.generation.load_model` read it like any
+tokenizer, step), so `python -m platform.generate` and `lctrain.inference.load_model` read it like any
 other checkpoint. Optimizer states are left out: training resumes from the sharded directory itself. The
-weights are read into a model built from the hyper-parameters, so only they are loaded (XL: 29 GB of host
+weights are read into a model built from the checkpoint's ModelSpec, so only they are loaded (XL: 29 GB of host
 memory in fp32, not the 87 GB that weights and Adam states take together).
 """
 

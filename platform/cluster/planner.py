@@ -12,7 +12,6 @@ measured on CPU. A layout that does not fit is refused with one line saying what
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -366,10 +365,11 @@ def plan_from_config(config: Any) -> MemoryPlan:
 
 def prepared_vocab_size(data_dir: str | None) -> int | None:
     """The vocabulary of data already prepared in `data_dir` (its index), else None: the model's own."""
-    from ..data.shards import INDEX
+    from ..data.shards import INDEX, TokenShards
 
-    index = Path(data_dir or "") / INDEX
-    return int(json.loads(index.read_text())["vocab_size"]) if data_dir and index.is_file() else None
+    if not data_dir or not (Path(data_dir) / INDEX).is_file():
+        return None
+    return TokenShards.open(data_dir).vocab_size
 
 
 PRECISION_ALIASES = {"None": "32-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}

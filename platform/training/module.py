@@ -46,10 +46,12 @@ def model_spec(arch: str, size: str, model_config: Any, vocab_size: int | None) 
             f"{config_type.__name__} fields; give the config of the chosen architecture"
         )
     if isinstance(model_config, config_type):
-        spec = ModelSpec.from_config(arch, size, model_config)
+        overrides = ModelSpec.from_config(arch, size, model_config).overrides
     else:
-        spec = ModelSpec(arch, size, dict(model_config or {}))
-    return spec if vocab_size is None else spec.replace(vocab_size=vocab_size)
+        overrides = dict(model_config or {})
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return ModelSpec(arch, size, overrides)
 
 
 class LanguageModelModule(L.LightningModule):
