@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -105,9 +106,33 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status  # a zombie has ended; only its parent has not reaped it yet
+class KillInsideSave(L.Callback):
+    """SIGKILLs its own process inside the save of optimizer step `step`: the temporary file is written, the
+    rename over `step-<step>.ckpt` never happens. What a preemption or an OOM kill does at the worst moment."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        rename, target = os.replace, f"step-{self.step:07d}.ckpt"
+
+        def replace(src, dst):
+            if Path(dst).name == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rename(src, dst)
+
+        os.replace = replace  # this process is about to die; nothing else runs in it afterwards
+
+
+class PoisonGradients(L.Callback):
+    """Turns every gradient into NaN after the backward of the given optimizer steps (numbered from 1), as a
+    batch that overflows would."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 in self.steps:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))

@@ -108,14 +108,24 @@ def export_cli(args: list[str] | None = None) -> None:
     CLI(export, args=args, as_positional=False)
 
 
-def export(checkpoint: str, out: str) -> None:
+def export(checkpoint: str, out: str, overwrite: bool = False) -> None:
     """Write one checkpoint file (model weights, hyper-parameters, tokenizer) from any checkpoint.
 
     Args:
         checkpoint: A sharded checkpoint directory (FSDP2, FSDP, DeepSpeed), a checkpoint file, or a run
             directory (its checkpoints/last.ckpt).
         out: The file to write (e.g. model.ckpt); `python -m platform.generate --checkpoint <out>` reads it.
+        overwrite: Replace `out` when it exists (never a file in a run's checkpoints/ folder).
     """
     if not out.endswith(".ckpt"):
         raise ValueError(f"--out {out}: name a .ckpt file; it is written as one Lightning checkpoint")
+    path = Path(out)
+    if path.exists() or path.is_symlink():
+        if path.parent.name == "checkpoints":
+            raise ValueError(
+                f"--out {out} is in a run's checkpoints/ folder; export never replaces a training checkpoint: "
+                "name a file elsewhere"
+            )
+        if not overwrite:
+            raise ValueError(f"--out {out} exists; pass --overwrite true to replace it, or name another file")
     export_checkpoint(checkpoint, out)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..cluster.strategies import all_reduce_squares
+from .checkpoints import AtomicCheckpointIO, link_atomically
 
 
 def _squared_norm(grads: list[Tensor]) -> Tensor:
@@ -71,6 +76,62 @@ class GradNormMonitor(L.Callback):
         if self.per_block:
             metrics.update({f"grad_norm/{name}": value.sqrt().item() for name, value in squared.items()})
         log_to_loggers(trainer, metrics)
+
+
+class NonFiniteTrainingError(ValueError):
+    """The run stopped because its gradients stayed NaN or inf (a diverging learning rate, bad data)."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips an optimizer step whose gradients hold NaN or inf (a non-finite loss makes them so) and stops
+    the run after `max_consecutive` such steps in a row.
+
+    A skipped step drops its gradients before the optimizer sees them, so the weights stay finite and every
+    checkpoint holds finite weights; the count is logged as `train/skipped_steps`. All ranks take the same
+    decision (a sharded gradient may be non-finite on one rank only). The check is one norm over every
+    gradient and a host sync per optimizer step.
+    """
+
+    def __init__(self, max_consecutive: int = 3):
+        """
+        Args:
+            max_consecutive: Stop after this many skipped steps in a row (0 turns the guard off: non-finite
+                steps are then applied).
+        """
+        super().__init__()
+        if max_consecutive < 0:
+            raise ValueError(f"nan_guard.max_consecutive={max_consecutive} must be >= 0 (0 turns the guard off)")
+        self.max_consecutive = max_consecutive
+        self.consecutive = self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if not self.max_consecutive:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:  # DeepSpeed ZeRO-2/3 keep gradients in their own buffers (it skips overflows itself)
+            return
+        finite = bool(torch.isfinite(all_reduce_squares(_squared_norm(grads), trainer)))
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped += 1
+        optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
+        log_to_loggers(trainer, {"train/skipped_steps": self.skipped})
+        step = trainer.global_step + 1
+        rank_zero_warn(f"optimizer step {step}: NaN or inf gradients, step skipped ({self.consecutive} in a row)")
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteTrainingError(
+                f"training stopped at optimizer step {step}: the gradients were NaN or inf at {self.consecutive} "
+                f"steps in a row (nan_guard.max_consecutive={self.max_consecutive}); the weights and checkpoints "
+                "stay finite: lower the learning rate or check the data, then resume with --ckpt_path last"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.consecutive, self.skipped = state_dict["consecutive"], state_dict["skipped"]
 
 
 def log_to_loggers(trainer: L.Trainer, metrics: dict) -> None:
@@ -160,7 +221,22 @@ class ExpertUsageMonitor(L.Callback):
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also saves the final step when training stops between two periodic saves,
-    so `--ckpt_path last` always continues from where the previous run ended."""
+    so `--ckpt_path last` always continues from where the previous run ended, and never leaves a file
+    half-written: single-file saves go through AtomicCheckpointIO and `last.ckpt` is relinked in one rename
+    (training/checkpoints.py)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # sharded strategies keep their own
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                shutil.rmtree(linkpath)  # a sharded `last` saved whole before
+            link_atomically(filepath, linkpath)
+        trainer.strategy.barrier()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._every_n_train_steps and self._last_global_step_saved != trainer.global_step:

@@ -2,9 +2,11 @@
 
 LightningCLI with `run=False` reads `--config` files and dotted overrides into the Trainer, the
 LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top of it:
-- `--ckpt_path` takes `last`, `auto` (the newest checkpoint of any kind in the run directory, or a
-  fresh start when there is none: what a requeued job wants) or a path;
-- always-on callbacks with their own sections: `checkpoint` (ModelCheckpoint, plus the final step), `grad_norm`,
+- `--ckpt_path` takes `last`, `auto` (the newest checkpoint of any kind in the run directory that loads, or a
+  fresh start when there is none: what a requeued job wants) or a path (training/checkpoints.py); one run
+  per directory: a lock while it runs, and `--overwrite_run` to start afresh over checkpoints (run_directory.py);
+- always-on callbacks with their own sections: `checkpoint` (ModelCheckpoint, plus the final step), `nan_guard`
+  (skips steps with NaN/inf gradients, stops after a few in a row), `grad_norm`,
   `lr_monitor`, `expert_usage` (tokens per expert of MoE models; nothing for the others);
 - files default to the run directory `trainer.default_root_dir`: checkpoints in `<root>/checkpoints`,
   logs in `<root>`, the resolved config in `<root>/config.yaml` (overwritten on resume);
@@ -19,7 +21,9 @@ LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,10 +41,13 @@ from ..cluster.strategies import Parallelism, build_strategy, check_supported
 from ..data.datamodule import TokenDataModule
 from ..entry import run_entry_point  # noqa: F401  (the entry points import it from here)
 from ..models.registry import config_for, family
-from .callbacks import ExpertUsageMonitor, GradNormMonitor, PeriodicCheckpoint
+from .callbacks import ExpertUsageMonitor, GradNormMonitor, NonFiniteGuard, PeriodicCheckpoint
+from .checkpoints import remove_stale_temporaries, resolve_ckpt_path
 from .module import LanguageModelModule
+from .run_directory import RunLock, check_fresh_start
 
 DEFAULT_ROOT = "runs/default"
+log = logging.getLogger(__name__)
 
 # The model configs document their fields with attribute docstrings; `--help` shows them.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -116,6 +123,13 @@ class PlatformCLI(LightningCLI):
             default=None,
             help="Resume from 'last', 'auto' (newest checkpoint in the run directory, or start fresh) or a path.",
         )
+        parser.add_argument(
+            "--overwrite_run",
+            type=bool,
+            default=False,
+            help="Start afresh in a run directory that holds an earlier run's checkpoints, removing them first "
+            "(without it such a start is refused: resume with --ckpt_path auto instead).",
+        )
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -132,6 +146,7 @@ class PlatformCLI(LightningCLI):
         parser.add_lightning_class_args(GradNormMonitor, "grad_norm")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(ExpertUsageMonitor, "expert_usage")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_class_arguments(Parallelism, "parallelism", fail_untyped=False)
@@ -180,28 +195,6 @@ class PlatformCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def resolve_ckpt_path(value: str | None, checkpoint_dir: str | Path, root: str | Path) -> str | None:
-    """'last' -> <checkpoint_dir>/last.ckpt (must exist); 'auto' -> the newest of the periodic, last and
-    SLURM-requeue (hpc_ckpt_*) checkpoints, or None for a fresh start; anything else must exist."""
-    if value is None:
-        return None
-    checkpoint_dir = Path(checkpoint_dir)
-    if value == "last":
-        last = checkpoint_dir / "last.ckpt"
-        if not last.exists():
-            raise FileNotFoundError(
-                f"--ckpt_path last: {last} does not exist; start without --ckpt_path or use --ckpt_path auto"
-            )
-        return str(last)
-    if value == "auto":
-        candidates = [*checkpoint_dir.glob("*.ckpt"), *Path(root).glob("hpc_ckpt_*.ckpt")]
-        candidates = [c for c in candidates if c.exists()]  # a dangling last.ckpt link does not count
-        return str(max(candidates, key=lambda c: c.stat().st_mtime)) if candidates else None
-    if not Path(value).exists():
-        raise FileNotFoundError(f"--ckpt_path {value} does not exist")
-    return value
-
-
 def chosen_model(args: list[str]) -> tuple[str, str]:
     """(arch, size) as the command line will resolve them: the module's defaults, then each `--config` file's
     `model.arch`/`model.size` and each `--model.arch`/`--model.size`, in order (the last one wins)."""
@@ -231,8 +224,15 @@ def fit(args: list[str] | None = None) -> PlatformCLI:
         print(format_plan(plan))
         check_fits(plan)
         return cli
-    ckpt_path = resolve_ckpt_path(
-        cli.config.ckpt_path, cli.config.checkpoint.dirpath, cli.config.trainer.default_root_dir
-    )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    root, checkpoint_dir = cli.config.trainer.default_root_dir, cli.config.checkpoint.dirpath
+    # Rank 0 holds the run directory; the other ranks of the same run start under its lock.
+    with RunLock(root) if cli.trainer.global_rank == 0 else contextlib.nullcontext():
+        if cli.trainer.global_rank == 0:
+            if cli.config.ckpt_path is None:
+                check_fresh_start(root, checkpoint_dir, cli.config.overwrite_run)
+            for directory in (checkpoint_dir, root):  # saves killed midway: no process writes them now
+                for path in remove_stale_temporaries(directory):
+                    log.info("removed %s, the temporary file of a save that did not finish", path)
+        ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, checkpoint_dir, root)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli

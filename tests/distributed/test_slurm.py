@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lctrain.training.checkpoints import process_alive
 from tests.distributed.slurm_cluster import INSTALL, LocalSlurm, missing_binaries
-from tests.helpers import REPO, pause_at_step_callback, process_alive, wait_for
+from tests.helpers import REPO, pause_at_step_callback, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
