@@ -1,118 +1,132 @@
-"""LSWT against Hugging Face transformers' LlamaForCausalLM at equal shape: training and decoding tokens/s.
+"""LSWT against Hugging Face transformers' LlamaForCausalLM at equal shape: training and decoding speed.
 
 Both models get the same width, depth, heads, SwiGLU width, vocabulary, tied embeddings and sequence
 length (LSWT's d_vocab = d_model, so its embedding matches Llama's; it still has its two projections,
-LayerNorms and biases). Training: forward + cross-entropy + backward + AdamW step. Decoding, batch 1:
-LSWT with its KV state, LSWT re-running the whole prefix for every token (the baseline), and Llama
-with its own KV cache. Models take turns and the fastest of `--repeats` rounds counts, so a busy
-machine slows each alike. Run from the repository root:
+LayerNorms and biases). Three tables:
 
-    python -m benchmarks.lswt_vs_llama [--device cuda --dtype bfloat16] [--d_model 256 --seq_len 512 ...]
+- training tokens/s (forward + cross-entropy + backward + AdamW step) of Llama, LSWT without registers
+  and LSWT in the seed's configuration (16 registers, reversed RoPE, input/output projections);
+- registers at a long sequence (`--register_seq_len`, batch 1): tokens/s and peak allocated memory of a
+  training step with 16 registers against none (goal: >= 0.9x the throughput, <= 1.1x the memory);
+- decoding ms/token at batch 1 after a prompt of each `--contexts` length: LSWT (seed configuration) with
+  its state against Llama with its KV cache (goal: LSWT <= Llama at every context). Prefill is not timed.
+
+Models take turns within each round and the fastest of `--repeats` rounds counts, so a busy machine slows
+each alike; times are this process's CPU time (common.seconds). Run from the repository root:
+
+    python -m benchmarks.lswt_vs_llama [--threads 1] [--d_model 256 --seq_len 512 ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.activation_memory import _peak_above_start
+from benchmarks.common import markdown_table, seconds
 from lctrain.models import build_model, count_parameters
+
+SEED = "LSWT seed configuration (16 registers, reversed RoPE, projections)"
 
 
 def lswt(args: argparse.Namespace, n_registers: int = 0) -> torch.nn.Module:
     return build_model(
         "lswt", "debug", vocab_size=args.vocab_size, d_vocab=args.d_model, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, rope_base=500000.0, n_registers=n_registers,
+        n_layers=args.n_layers, n_heads=args.n_heads, d_ff=args.d_ff, rope_base=500000.0, rope_reversed=True,
+        n_registers=n_registers,
     )  # fmt: skip
 
 
 def llama(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    longest = max([args.seq_len, args.register_seq_len, *args.contexts]) + args.new_tokens + 1
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.d_ff,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads,
-        max_position_embeddings=args.seq_len + args.new_tokens + args.prompt_len, rope_theta=500000.0,
-        tie_word_embeddings=True, attn_implementation="sdpa",
+        max_position_embeddings=longest, rope_theta=500000.0, tie_word_embeddings=True, attn_implementation="sdpa",
     )  # fmt: skip
     return LlamaForCausalLM(config)
 
 
-def logits_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(ids)
-    return out.logits
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def autocast(args: argparse.Namespace):
-    dtype = getattr(torch, args.dtype)
-    return torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def train_step(args, model, optimizer, tokens) -> None:
-    with autocast(args):
-        logits = logits_of(model, tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+def train_step(model, optimizer, tokens) -> None:
+    logits = model(tokens[:, :-1]).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-@torch.inference_mode()
-def decode_with_state(args, model, prompt) -> None:
-    with autocast(args):
-        out = model(prompt)
-        for _ in range(args.new_tokens):
-            out = model(out.logits[:, -1:].argmax(-1), state=out.state)
-
-
-@torch.inference_mode()
-def decode_rerunning_the_prefix(args, model, prompt) -> None:
-    ids = prompt
-    with autocast(args):
-        for _ in range(args.new_tokens + 1):
-            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)  # (1, P + i + 1)
-
-
-@torch.inference_mode()
-def decode_llama_cache(args, model, prompt) -> None:
-    with autocast(args):
-        out = model(prompt, use_cache=True)
-        for _ in range(args.new_tokens):
-            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
-
-
-def fastest(calls: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Seconds of the fastest of `repeats` rounds per call; the calls take turns within each round."""
+def fastest(calls: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """The smallest of `repeats` rounds of each call's own timing; the calls take turns within each round."""
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeats):
         for name, call in calls.items():
-            synchronize(device)
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], call())
     return best
 
 
-def table(title: str, rows: list[tuple[str, float]], unit: str) -> str:
-    base = rows[0][1]
-    lines = [f"| {title} | {unit} | ratio |", "|---|---:|---:|"]
-    lines += [f"| {name} | {value:,.0f} | {value / base:.2f} |" for name, value in rows]
-    return "\n".join(lines)
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    return lambda: seconds(fn, "cpu", 1)
+
+
+def peak_training_bytes(model, tokens) -> int:
+    """Peak allocated bytes above the start during one forward and backward (torch's allocator accounting)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # allocated before, so the peak holds activations and transients
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        logits = model(tokens[:, :-1]).logits
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        del logits
+    return _peak_above_start(prof)
+
+
+@torch.inference_mode()
+def lswt_decoder(model, prompt, n_tokens: int) -> Callable[[], float]:
+    """Seconds to decode n_tokens after the prompt, from one prefilled state (immutable, so reused)."""
+    out = model(prompt)
+
+    def run() -> float:
+        def decode():
+            state, token = out.state, out.logits[:, -1:].argmax(-1)
+            for _ in range(n_tokens):
+                step = model(token, state=state)
+                state, token = step.state, step.logits[:, -1:].argmax(-1)
+
+        with torch.inference_mode():
+            return seconds(decode, "cpu", 1)
+
+    return run
+
+
+@torch.inference_mode()
+def llama_decoder(model, prompt, n_tokens: int) -> Callable[[], float]:
+    """The same for Llama; its cache grows in place, so each round starts from a copy (not timed)."""
+    out = model(prompt, use_cache=True)
+
+    def run() -> float:
+        cache = copy.deepcopy(out.past_key_values)
+
+        def decode():
+            past, token = cache, out.logits[:, -1:].argmax(-1)
+            for _ in range(n_tokens):
+                step = model(token, past_key_values=past, use_cache=True)
+                past, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+
+        with torch.inference_mode():
+            return seconds(decode, "cpu", 1)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--n_layers", type=int, default=4)
     parser.add_argument("--n_heads", type=int, default=4)
@@ -120,52 +134,69 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--prompt_len", type=int, default=256)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="rounds; the fastest counts")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--register_seq_len", type=int, default=4096)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    parser.add_argument("--new_tokens", type=int, default=16, help="decoded tokens per round and context")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "registers", "decoding"])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
 
     torch.manual_seed(0)
-    models = {
-        "transformers LlamaForCausalLM": llama(args),
-        "LSWT": lswt(args),
-        "LSWT, 16 registers": lswt(args, n_registers=16),
-    }
-    models = {name: m.to(device).train() for name, m in models.items()}
-    tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    steps = {name: (lambda n=name: train_step(args, models[n], optimizers[n], tokens)) for name in models}
-    fastest(steps, 1, device)  # warm-up
-    train = fastest(steps, args.repeats, device)
-    n_tokens = args.batch_size * args.seq_len
-
-    for m in models.values():
-        m.eval()
-    prompt = torch.randint(0, args.vocab_size, (1, args.prompt_len), device=device)
-    decode_calls = {
-        "LSWT, re-running the prefix": lambda: decode_rerunning_the_prefix(args, models["LSWT"], prompt),
-        "LSWT with its state": lambda: decode_with_state(args, models["LSWT"], prompt),
-        "Llama with its KV cache": lambda: decode_llama_cache(args, models["transformers LlamaForCausalLM"], prompt),
-    }
-    fastest(decode_calls, 1, device)
-    decode = fastest(decode_calls, max(2, args.repeats // 2), device)
-
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; dtype {args.dtype}; torch {torch.__version__}")
+    models = {"transformers LlamaForCausalLM": llama(args), "LSWT, no registers": lswt(args), SEED: lswt(args, 16)}
+    print(f"CPU, {torch.get_num_threads()} thread(s), process CPU time; torch {torch.__version__}")
     print(
         f"shape: d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, d_ff {args.d_ff}, "
-        f"vocab {args.vocab_size}, batch {args.batch_size} x {args.seq_len} tokens; parameters "
+        f"vocab {args.vocab_size}; parameters "
         + ", ".join(f"{n} {count_parameters(m) / 1e6:.2f}M" for n, m in models.items())
     )
-    print()
-    print(table("training", [(n, n_tokens / t) for n, t in train.items()], "tokens/s"))
-    print()
-    print(f"decoding {args.new_tokens} tokens after a {args.prompt_len}-token prompt, batch 1 (prefill included):")
-    print(table("decoding", [(n, args.new_tokens / t) for n, t in decode.items()], "tokens/s"))
+
+    if "training" not in args.skip:
+        tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))
+        optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+        steps = {n: timed(lambda n=n: train_step(models[n], optimizers[n], tokens)) for n in models}
+        fastest(steps, 1)  # warm-up
+        train = fastest(steps, args.repeats)
+        n_tokens = args.batch_size * args.seq_len
+        base = train["transformers LlamaForCausalLM"]
+        rows = [[n, f"{n_tokens / t:,.0f}", f"{base / t:.2f}"] for n, t in train.items()]
+        print(f"\ntraining, batch {args.batch_size} x {args.seq_len} tokens")
+        print(markdown_table(["model", "tokens/s", "vs Llama"], rows))
+
+    if "registers" not in args.skip:
+        T = args.register_seq_len
+        pair = {"LSWT, no registers": lswt(args), "LSWT, 16 registers": lswt(args, 16)}
+        tokens = torch.randint(0, args.vocab_size, (1, T + 1))
+        optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in pair.items()}
+        steps = {n: timed(lambda n=n: train_step(pair[n], optimizers[n], tokens)) for n in pair}
+        fastest(steps, 1)
+        train = fastest(steps, args.repeats)
+        peaks = {n: peak_training_bytes(m, tokens) for n, m in pair.items()}
+        t0, p0 = train["LSWT, no registers"], peaks["LSWT, no registers"]
+        rows = [
+            [n, f"{T / t:,.0f}", f"{t0 / t:.2f}", f"{peaks[n] / 2**20:,.0f}", f"{peaks[n] / p0:.2f}"]
+            for n, t in train.items()
+        ]
+        print(f"\nregisters, training step at batch 1 x {T} tokens (goal: >= 0.90x tokens/s, <= 1.10x memory)")
+        print(markdown_table(["model", "tokens/s", "vs none", "peak MiB", "vs none"], rows))
+
+    if "decoding" not in args.skip:
+        for m in models.values():
+            m.eval()
+        rows = []
+        for context in args.contexts:
+            prompt = torch.randint(0, args.vocab_size, (1, context))
+            calls = {
+                "llama": llama_decoder(models["transformers LlamaForCausalLM"], prompt, args.new_tokens),
+                "lswt": lswt_decoder(models[SEED], prompt, args.new_tokens),
+            }
+            best = fastest(calls, args.repeats)
+            ms = {k: 1e3 * v / args.new_tokens for k, v in best.items()}
+            rows.append([f"{context:,}", f"{ms['llama']:.2f}", f"{ms['lswt']:.2f}", f"{ms['lswt'] / ms['llama']:.2f}"])
+        print(f"\ndecoding, batch 1, {args.new_tokens} tokens after a prompt (goal: LSWT / Llama <= 1.00)")
+        print(markdown_table(["context", "Llama KV cache ms/token", f"{SEED} ms/token", "LSWT / Llama"], rows))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError
 
 PLATFORM_DIR = Path(__file__).resolve().parent
@@ -28,9 +29,24 @@ def one_line(message: str) -> str:
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The files given with `--config`/`-c` (`--config f`, `--config=f`)."""
+    files = []
+    for i, arg in enumerate(args):
+        key, has_value, value = arg.partition("=")
+        if key in ("--config", "-c"):
+            if not has_value and i + 1 < len(args):
+                value = args[i + 1]
+            if value and not value.lstrip().startswith("{"):  # `--config '{...}'` is inline YAML, not a file
+                files.append(value)
+    return files
+
+
 def run_entry_point(main, args: list[str] | None = None) -> int:
     """Run an entry point; user errors become one line on stderr and exit code 2."""
     try:
+        for path in config_files(sys.argv[1:] if args is None else args):
+            read_config_file(path)  # a missing file or a YAML mistake is named with its file and line
         main(args)
     except ArgumentError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
@@ -41,3 +57,21 @@ def run_entry_point(main, args: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def read_config_file(path: str) -> dict:
+    """A `--config` file's contents, or a one-line error naming the file (and the line of a YAML mistake)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        content = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ValueError(f"--config {path}: invalid YAML at {where}: {getattr(e, 'problem', None) or e}") from None
+    if content is not None and not isinstance(content, dict):
+        raise ValueError(
+            f"--config {path} holds a {type(content).__name__}, not a mapping of sections (trainer:, model:, ...)"
+        )
+    return content or {}

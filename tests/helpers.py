@@ -136,3 +136,16 @@ class PoisonGradients(L.Callback):
             for p in pl_module.parameters():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process at the end of optimizer step `step`, before that step's checkpoint (checkpoint
+    callbacks run last): a preemption between two saves, after which `--ckpt_path auto` resumes from the
+    newest earlier checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

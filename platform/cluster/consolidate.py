@@ -7,7 +7,8 @@ every Lightning checkpoint of the LanguageModelModule) and what rebuilding the m
 tokenizer, step), so `python -m platform.generate` and `lctrain.inference.load_model` read it like any
 other checkpoint. Optimizer states are left out: training resumes from the sharded directory itself. The
 weights are read into a model built from the checkpoint's ModelSpec, so only they are loaded (XL: 29 GB of host
-memory in fp32, not the 87 GB that weights and Adam states take together).
+memory in fp32, not the 87 GB that weights and Adam states take together). `export --format hf` writes the
+same weights as a Hugging Face model directory instead (hf/export.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ..inference.loading import read_checkpoint
 from ..models.spec import ModelSpec
 
 KEPT = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "model_spec", "tokenizer")
@@ -49,7 +51,7 @@ def consolidated(path: str | Path) -> dict[str, Any]:
         path = (path / "checkpoints" / "last.ckpt").resolve()
     kind = checkpoint_kind(path)
     if kind == "file":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
     elif kind == "dcp":
         checkpoint = _from_dcp(path)
     else:
@@ -105,21 +107,40 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
 def export_cli(args: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    CLI(export, args=args, as_positional=False)
+    CLI(export, args=args, as_positional=False, exit_on_error=False)
 
 
-def export(checkpoint: str, out: str, overwrite: bool = False) -> None:
-    """Write one checkpoint file (model weights, hyper-parameters, tokenizer) from any checkpoint.
+def export(
+    checkpoint: str, out: str, overwrite: bool = False, format: Literal["lightning", "hf"] = "lightning"
+) -> None:
+    """Write one checkpoint file (model weights, hyper-parameters, tokenizer) from any checkpoint, or a
+    Hugging Face model directory.
 
     Args:
         checkpoint: A sharded checkpoint directory (FSDP2, FSDP, DeepSpeed), a checkpoint file, or a run
             directory (its checkpoints/last.ckpt).
         out: The file to write (e.g. model.ckpt); `python -m platform.generate --checkpoint <out>` reads it.
-        overwrite: Replace `out` when it exists (never a file in a run's checkpoints/ folder).
+            With --format hf, the directory to write.
+        overwrite: Replace `out` when it exists (never a file in a run's checkpoints/ folder, and with
+            --format hf only an earlier Hugging Face export).
+        format: lightning (one checkpoint file) or hf (a Hugging Face directory: config.json, safetensors
+            weights, tokenizer files; `AutoModelForCausalLM.from_pretrained(out)` loads it).
     """
+    if format == "hf":
+        from ..hf.export import check_hf_out, write_hf
+
+        check_hf_out(out, overwrite)
+        write_hf(consolidated(checkpoint), out)
+        return
+    if format != "lightning":
+        raise ValueError(f"--format {format}: choose lightning (one .ckpt file) or hf (a Hugging Face directory)")
     if not out.endswith(".ckpt"):
         raise ValueError(f"--out {out}: name a .ckpt file; it is written as one Lightning checkpoint")
     path = Path(out)
+    if path.is_dir() or out.endswith("/"):
+        raise ValueError(f"--out {out} is a directory; name a .ckpt file")
+    if any(parent.is_file() for parent in path.parents):
+        raise ValueError(f"--out {out}: {next(p for p in path.parents if p.is_file())} is a file, not a directory")
     if path.exists() or path.is_symlink():
         if path.parent.name == "checkpoints":
             raise ValueError(

@@ -6,17 +6,23 @@ and optimizer states under the chosen strategy and precision (ZeRO paper, Rajbha
 parameters gathered for the blocks in flight, and the peak activation memory with and without activation
 checkpointing. The activation model counts, tensor by tensor, what autograd keeps for backward in an LSWT
 block and its head (the formulas below); tests/training/test_planner.py checks it against the peak memory
-measured on CPU. A layout that does not fit is refused with one line saying what to change.
+measured on CPU. A layout that does not fit is refused with one line saying what to change. The plan also
+estimates how long a checkpoint save takes (its bytes per node over the storage's write bandwidth) and warns
+when SLURM's SIGUSR1 comes too short a time before the job's limit to finish one (cluster/requeue.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..models.flops import flops_per_token
 from ..models.registry import count_parameters, family
 from .strategies import repeated_blocks
 
@@ -32,6 +38,11 @@ PRECISION_BYTES = {
     "bf16-true": dict(weight=2, grad=2, state=2, c=2, r=2),
     "16-true": dict(weight=2, grad=2, state=2, c=2, r=2),
 }
+# `#SBATCH --signal=SIGUSR1@90` in slurm/*.sbatch: SIGUSR1 comes 90 s before the time limit.
+TEMPLATE_SIGNAL_LEAD_S = 90
+# The lead time must cover a save in flight (an asynchronous one, or the optimizer step before the save) and
+# the requeue's own save: twice the estimate of one save.
+LEAD_TIME_FACTOR = 2
 MOMENTS = {"adamw": 2, "adam": 2, "laprop": 2, "sophiag": 2, "lion": 1, "sgd": 1}  # states per parameter
 
 
@@ -45,11 +56,21 @@ class ClusterShape:
     """Memory of one GPU as sold, in GiB (80 for an A100/H100 80GB)."""
     reserved_gb: float = 5.0
     """Memory a job cannot use for tensors: CUDA context (~1 GiB), NCCL buffers (1-2 GiB), allocator slack."""
+    storage_gb_per_s: float = 1.0
+    """Write bandwidth of the checkpoint directory's storage per node, in GB/s (10^9 bytes): conservative for a
+    shared parallel filesystem; measure yours (e.g. `dd` of a few GB with oflag=direct) and set it."""
+    signal_lead_s: float | None = None
+    """Seconds between SLURM's SIGUSR1 and the time limit (`--signal=SIGUSR1@<seconds>`); default: the value
+    of SBATCH_SIGNAL when set, else 90, the value in slurm/*.sbatch."""
 
     def __post_init__(self) -> None:
         for key in ("nodes", "gpus_per_node"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"cluster.{key}={getattr(self, key)} must be >= 1")
+        if self.storage_gb_per_s <= 0:
+            raise ValueError(f"cluster.storage_gb_per_s={self.storage_gb_per_s} must be > 0")
+        if self.signal_lead_s is not None and self.signal_lead_s < 0:
+            raise ValueError(f"cluster.signal_lead_s={self.signal_lead_s} must be >= 0")
         if self.gpu_memory_gb <= self.reserved_gb:
             raise ValueError(
                 f"cluster.gpu_memory_gb={self.gpu_memory_gb} must be larger than cluster.reserved_gb={self.reserved_gb}"
@@ -75,6 +96,9 @@ class Layout:
     gpu_memory_gib: float = 80.0
     reserved_gib: float = 5.0
     moments: int = 2
+    state_dict: str = "sharded"  # fsdp2/fsdp checkpoints: sharded (every rank writes) | full (rank 0 writes)
+    storage_gb_per_s: float = 1.0  # write bandwidth per node
+    signal_lead_s: float = TEMPLATE_SIGNAL_LEAD_S
 
     @property
     def world(self) -> int:
@@ -106,6 +130,7 @@ class MemoryPlan:
     optimizer: float
     gathered: float  # unsharded parameters and gradients of the blocks in flight, or autocast's weight copies
     activations: Activations
+    checkpoint_bytes: float = 0.0  # one checkpoint: weights and optimizer states
     notes: tuple[str, ...] = ()
 
     @property
@@ -124,6 +149,32 @@ class MemoryPlan:
     @property
     def fits(self) -> bool:
         return self.total <= self.usable
+
+    @property
+    def checkpoint_bytes_per_node(self) -> float:
+        """What the busiest node writes: a sharded save spreads the checkpoint over the nodes (DCP writes each
+        replicated shard once), a full one is written by rank 0."""
+        lay = self.layout
+        sharded = lay.strategy == "deepspeed" or (lay.strategy in ("fsdp2", "fsdp") and lay.state_dict == "sharded")
+        return self.checkpoint_bytes / lay.nodes if sharded else self.checkpoint_bytes
+
+    @property
+    def save_seconds(self) -> float:
+        return self.checkpoint_bytes_per_node / (self.layout.storage_gb_per_s * 1e9)
+
+    @property
+    def lead_time_warning(self) -> str | None:
+        """A warning when SIGUSR1 comes too late to finish a save before the time limit, else None."""
+        lay, needed = self.layout, LEAD_TIME_FACTOR * self.save_seconds
+        if lay.signal_lead_s >= needed:
+            return None
+        suggested = 10 * math.ceil(needed / 10)
+        return (
+            f"SIGUSR1 comes {lay.signal_lead_s:g} s before the time limit (cluster.signal_lead_s), less than "
+            f"{LEAD_TIME_FACTOR} x the ~{self.save_seconds:.0f} s a checkpoint save takes; the requeue's save may be "
+            f"cut off: submit with `sbatch --signal=SIGUSR1@{suggested}` (and --cluster.signal_lead_s {suggested}) "
+            "or set cluster.storage_gb_per_s to the measured bandwidth"
+        )
 
 
 # --- activations ---------------------------------------------------------------------------------------
@@ -234,14 +285,16 @@ def plan_memory(arch: str, size: str, config: Any, layout: Layout) -> MemoryPlan
             gathered = n_params * 2  # autocast keeps a 16-bit copy of every weight for the whole step
             notes.append("autocast caches a 16-bit copy of every weight during the step")
 
+    checkpoint = n_params * (weight + state)  # the weights as stored and every optimizer state (fp32 masters)
     activation_model = ACTIVATION_MODELS.get(arch, generic_activations)
     tokens = layout.micro_batch * layout.seq_len
     activations = activation_model(config, tokens, b["c"], b["r"], b["grad"])
     if activations.model == "generic":
         notes.append(f"no activation model for {arch}: generic pre-norm transformer estimate")
     return MemoryPlan(
-        arch, size, config, n_params, layout, weights, gradients, optimizer, gathered, activations, tuple(notes)
-    )
+        arch, size, config, n_params, layout, weights, gradients, optimizer, gathered, activations,
+        checkpoint_bytes=checkpoint, notes=tuple(notes),
+    )  # fmt: skip
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -251,6 +304,7 @@ def format_plan(plan: MemoryPlan) -> str:
         lay.strategy, f"deepspeed ZeRO-{lay.zero_stage}" if lay.strategy == "deepspeed" else lay.strategy
     )
     checkpointing = "on" if lay.activation_checkpointing else "off"
+    flops = flops_per_token(plan.arch, plan.config, lay.seq_len)
     a = plan.activations
     rows = [
         ("weights", plan.weights),
@@ -266,6 +320,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"({lay.gpu_memory_gib - lay.reserved_gib:g} usable); strategy {strategy}; precision {lay.precision}",
         f"batch: micro-batch {lay.micro_batch} x {lay.seq_len} tokens, {lay.accumulation} accumulation step(s), "
         f"{lay.world} data-parallel rank(s): {lay.tokens_per_step:,} tokens per optimizer step",
+        f"compute: {_si(flops)}FLOPs per token, forward and backward (models/flops.py); "
+        f"{_si(flops * lay.tokens_per_step)}FLOPs per optimizer step",
         "",
         f"{'per GPU':40s} {'GiB':>8s}",
     ]
@@ -275,10 +331,22 @@ def format_plan(plan: MemoryPlan) -> str:
         f"activations with checkpointing {a.with_checkpointing / GiB:.2f} GiB, "
         f"without {a.without_checkpointing / GiB:.2f} GiB ({a.model} activation model)",
         *[f"note: {n}" for n in plan.notes],
+        f"checkpoint: {plan.checkpoint_bytes / 1e9:.1f} GB, {plan.checkpoint_bytes_per_node / 1e9:.1f} GB written "
+        f"per node: ~{plan.save_seconds:.0f} s at {lay.storage_gb_per_s:g} GB/s (cluster.storage_gb_per_s); "
+        f"SIGUSR1 {lay.signal_lead_s:g} s before the time limit (cluster.signal_lead_s)",
+        *([f"warning: {plan.lead_time_warning}"] if plan.lead_time_warning else []),
         f"verdict: {'fits' if plan.fits else 'does not fit'} "
         f"({plan.total / GiB:.1f} of {plan.usable / GiB:.1f} GiB usable per GPU)",
     ]
     return "\n".join(lines)
+
+
+def _si(value: float) -> str:
+    """3 significant figures and an SI prefix: 1.19 M, 6.02 P."""
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g} "
 
 
 def check_fits(plan: MemoryPlan) -> None:
@@ -359,8 +427,23 @@ def plan_from_config(config: Any) -> MemoryPlan:
         gpu_memory_gib=cluster.gpu_memory_gb,
         reserved_gib=cluster.reserved_gb,
         moments=MOMENTS.get(optimizer_name.rsplit(".", 1)[-1].lower(), 2),
+        state_dict=parallelism.state_dict,
+        storage_gb_per_s=cluster.storage_gb_per_s,
+        signal_lead_s=signal_lead_s(cluster.signal_lead_s),
     )
     return plan_memory(spec.arch, spec.size, spec.config(), layout)
+
+
+def signal_lead_s(configured: float | None) -> float:
+    """cluster.signal_lead_s, else the lead of SBATCH_SIGNAL (`[R:|B:]<signal>[@<seconds>]`, 60 s when left
+    out, as sbatch reads it), else the templates' 90 s."""
+    if configured is not None:
+        return configured
+    spec = os.environ.get("SBATCH_SIGNAL")
+    if spec:
+        match = re.search(r"@(\d+)$", spec)
+        return float(match.group(1)) if match else 60.0
+    return float(TEMPLATE_SIGNAL_LEAD_S)
 
 
 def prepared_vocab_size(data_dir: str | None) -> int | None:

@@ -1,6 +1,8 @@
 """Save and requeue on SIGUSR1, at a batch end that every rank agrees on (docs/design.md, SLURM).
 
-SLURM sends SIGUSR1 some time before a job's limit (`#SBATCH --signal=SIGUSR1@90`). Saving inside the
+SLURM sends SIGUSR1 some time before a job's limit (`#SBATCH --signal=SIGUSR1@90` in slurm/*.sbatch, or
+`sbatch --signal=SIGUSR1@<seconds>`): that lead time must cover the optimizer step in flight and a whole save,
+which `--dry_run` estimates and compares with `cluster.signal_lead_s` (cluster/planner.py). Saving inside the
 signal handler, as Lightning's own requeue handler does, starts a collective at a different point on each
 rank and hangs sharded strategies; here the handler only sets a flag. At the end of each optimizer step the
 ranks agree whether any of them saw the signal; if so they save a checkpoint together, rank 0 runs `scontrol
@@ -18,6 +20,8 @@ import subprocess
 from pathlib import Path
 
 import lightning as L
+
+from .strategies import FSDP2Strategy
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class RequeueOnSignal(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
             return
         path = save_now(trainer)
+        if isinstance(trainer.strategy, FSDP2Strategy):
+            trainer.strategy.finish_pending_save()  # a background write must end before the job is requeued
         for logger in trainer.loggers:
             logger.save()  # buffered metrics (CSV) reach the disk before SLURM ends the job
         trainer.strategy.barrier("requeue")  # every rank's shard is on disk before the job is requeued

@@ -5,6 +5,8 @@ ModelParallelStrategy, the sharded path that also runs on CPU with gloo; Lightni
 DeepSpeed ZeRO 1/2/3 for GPU clusters. FSDP1 and DeepSpeed refuse a CPU accelerator, so that is checked here,
 before anything starts, with one line that says what to use instead. Activation checkpointing is applied the
 same way under every strategy: each block's forward runs under non-reentrant `torch.utils.checkpoint`.
+A sharded (DCP) checkpoint directory gets its completion marker (training/checkpoints.py) once every rank's
+shard and the metadata are written; under FSDP2 the write can run in the background (`async_save`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.util
 import json
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +25,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 
+from ..training.checkpoints import COMPLETE, META, AtomicCheckpointIO, mark_complete, storage_error, tensor_bytes
 from ..training.optimizers import no_weight_decay_names
 
 StrategyName = Literal["auto", "ddp", "fsdp2", "fsdp", "deepspeed"]
@@ -46,9 +50,21 @@ class Parallelism:
     state_dict: Literal["sharded", "full"] = "sharded"
     """fsdp2/fsdp checkpoints: sharded (a directory with one file per rank, DCP) or full (one file from rank 0).
     `python -m platform.export` turns a sharded checkpoint into one file."""
+    async_save: bool = False
+    """fsdp2 with sharded checkpoints: a save returns once the states are copied to host memory (a second
+    host copy of this rank's shard while it lasts) and the files are written in the background; the
+    directory's `.complete` marker follows when the write ends. At most one save is in flight: the next save,
+    a requeue and the end of training wait for it."""
     deepspeed_config: str = "configs/deepspeed/zero3.json"
     """deepspeed: JSON config (ZeRO stage, offload, buckets), relative to the repository root or absolute;
     configs/deepspeed/ has stage 1, 2, 3 and 3 with CPU offload."""
+
+    def __post_init__(self) -> None:
+        if self.async_save and (self.strategy != "fsdp2" or self.state_dict != "sharded"):
+            raise ValueError(
+                f"parallelism.async_save=true needs parallelism.strategy=fsdp2 with parallelism.state_dict=sharded "
+                f"(got strategy={self.strategy}, state_dict={self.state_dict}); set them or drop async_save"
+            )
 
     def deepspeed_dict(self) -> dict[str, Any]:
         path = Path(self.deepspeed_config)
@@ -108,9 +124,11 @@ def build_strategy(parallelism: Parallelism, module: nn.Module, micro_batch_size
     if name == "ddp":
         return DDPStrategy()
     if name == "fsdp2":
-        return FSDP2Strategy(sharding=parallelism.sharding, state_dict=parallelism.state_dict)
+        return FSDP2Strategy(
+            sharding=parallelism.sharding, state_dict=parallelism.state_dict, async_save=parallelism.async_save
+        )
     if name == "fsdp":
-        return FSDPStrategy(
+        return MarkedFSDPStrategy(
             auto_wrap_policy=block_types(module),
             sharding_strategy={"full": "FULL_SHARD", "grad_op": "SHARD_GRAD_OP", "hybrid": "HYBRID_SHARD"}[
                 parallelism.sharding
@@ -123,15 +141,39 @@ def build_strategy(parallelism: Parallelism, module: nn.Module, micro_batch_size
     return DeepSpeedStrategy(config=parallelism.deepspeed_dict(), logging_batch_size_per_gpu=micro_batch_size)
 
 
+class PendingSave:
+    """A sharded save whose files are still being written in the background."""
+
+    def __init__(self, path: Path, future: Future, needed_bytes: int) -> None:
+        self.path, self.future, self.needed_bytes = path, future, needed_bytes
+        self.removals: list[Path] = []  # older checkpoints to remove once this one is complete
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy used for data parallelism only. Its device mesh is
     (data_parallel, tensor_parallel) = (world, 1) for "full" and "grad_op" sharding, and
     (nodes, devices per node) for "hybrid", where fully_shard reads the 2-D mesh as (replicate, shard).
-    The LanguageModelModule applies `fully_shard` in configure_model (`build_for_strategy`)."""
+    The LanguageModelModule applies `fully_shard` in configure_model (`build_for_strategy`).
 
-    def __init__(self, sharding: Sharding = "full", state_dict: Literal["sharded", "full"] = "sharded", **kwargs):
+    Sharded checkpoints are saved here rather than by Lightning so that the directory gets its completion
+    marker, and so that with `async_save` the files are written by DCP's background thread: the save returns
+    once the states are copied to host memory. The background write synchronises the ranks over a gloo
+    group of its own, never the training's group. Rank 0's write ends only after DCP has gathered every
+    rank's write results and written `.metadata`, so rank 0 alone can mark the directory complete. Checkpoints
+    that ModelCheckpoint retires while a write is in flight are removed only once the new one is complete.
+    """
+
+    def __init__(
+        self,
+        sharding: Sharding = "full",
+        state_dict: Literal["sharded", "full"] = "sharded",
+        async_save: bool = False,
+        **kwargs,
+    ):
         super().__init__(save_distributed_checkpoint=state_dict == "sharded", **kwargs)
-        self.sharding = sharding
+        self.sharding, self.async_save = sharding, async_save
+        self.pending: PendingSave | None = None
+        self._save_group = None  # the gloo group of background writes
 
     def setup_environment(self) -> None:
         if self.sharding == "hybrid":
@@ -139,10 +181,118 @@ class FSDP2Strategy(ModelParallelStrategy):
         else:
             self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
         super().setup_environment()
+        if self.async_save and self._save_group is None:
+            self._save_group = torch.distributed.new_group(backend="gloo")  # every rank, in the same order
 
     @property
     def shard_mesh(self):
         return self.device_mesh if self.sharding == "hybrid" else self.device_mesh["data_parallel"]
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        self.finish_pending_save()  # one save in flight at most
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        import torch.distributed.checkpoint as dcp
+
+        path = Path(self.broadcast(filepath))  # rank 0's path: every rank writes into the same directory
+        begin_sharded_save(self, path)
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        needed = tensor_bytes(state)  # the whole checkpoint: DTensors count with their global shape
+        if self.is_global_zero:  # the rest of Lightning's checkpoint: loops, callbacks, hyperparameters
+            AtomicCheckpointIO().save_checkpoint(checkpoint, path / META)
+        try:
+            if self.async_save:
+                # The default stager copies every tensor to fresh host memory: on CPU the state dict's
+                # tensors are the live parameters, which the next optimizer step changes in place.
+                future = dcp.async_save(state, checkpoint_id=path, process_group=self._save_group)
+                self.pending = PendingSave(path, future, needed)
+                return
+            dcp.save(state, checkpoint_id=path)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            raise_storage_error(e, path, needed)
+            raise
+        finish_sharded_save(self, path)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Mark a background save complete as soon as its write has ended (each rank looks at its own)."""
+        if self.pending is not None and self.pending.future.done():
+            self.finish_pending_save()
+
+    def finish_pending_save(self) -> None:
+        """Wait for the save in flight, if any; then mark it complete (rank 0) and remove the checkpoints it
+        replaces. A write that failed raises here, and its directory stays unmarked."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+        except BaseException as e:
+            raise_storage_error(e, pending.path, pending.needed_bytes)
+            raise
+        if self.is_global_zero:
+            mark_complete(pending.path)
+        for path in pending.removals:
+            super().remove_checkpoint(path)
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.pending is not None:
+            self.pending.removals.append(Path(filepath))  # keep it until the save that replaces it is complete
+            return
+        super().remove_checkpoint(filepath)
+
+    def teardown(self) -> None:
+        self.finish_pending_save()  # the last save is on disk, and marked, before the process ends
+        if self._save_group is not None:
+            torch.distributed.destroy_process_group(self._save_group)
+            self._save_group = None
+        super().teardown()
+
+
+class MarkedFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) whose sharded checkpoint directories get the completion marker."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        begin_sharded_save(self, path)
+        super().save_checkpoint(checkpoint, path, storage_options)
+        finish_sharded_save(self, path)
+
+
+def begin_sharded_save(strategy: Strategy, path: Path) -> None:
+    """Before any rank writes: rank 0 removes the marker of an earlier save into the same directory (a resumed
+    run saving its step again) and a file of that name, and creates the directory."""
+    if strategy.is_global_zero:
+        try:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+            if (path / COMPLETE).exists():
+                (path / COMPLETE).unlink()
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise_storage_error(e, path, 0)
+            raise
+    strategy.barrier("sharded save begins")
+
+
+def finish_sharded_save(strategy: Strategy, path: Path) -> None:
+    """After every rank's shard and the metadata are written: rank 0 writes the marker, last."""
+    strategy.barrier("sharded save written")
+    if strategy.is_global_zero:
+        mark_complete(path)
+
+
+def raise_storage_error(exc: BaseException, path: Path, needed_bytes: int) -> None:
+    """Raise a full disk or a read-only directory as one line (a StorageError); return for anything else.
+    DCP collects every rank's error, with its traceback, in the `failures` of its CheckpointException."""
+    failures = getattr(exc, "failures", None) or {}
+    for cause in [exc, *(f[0] if isinstance(f, tuple) else f for f in failures.values())]:
+        if (error := storage_error(cause, path, needed_bytes)) is not None:
+            raise error from exc
 
 
 # --- building the model under a strategy -----------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .layouts import LAYOUTS, Documents, Geometry, Layout, Streams, TokenStream, make_layout
-from .shards import INDEX, TokenShards
+from .shards import INDEX, TokenShards, VerifyMode, verify_mode
 from .tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,11 @@ class BlockBatches(IterableDataset):
     """One rank's batches for one epoch, in the layout's order; worker w of n builds batches
     start + w, start + w + n, ..., which the DataLoader hands out in order."""
 
-    def __init__(self, layout: Layout, *, reset_at_document: bool = False):
+    def __init__(
+        self, layout: Layout, *, reset_at_document: bool = False, vocab_size: int | None = None, where: str = ""
+    ):
         self.layout, self.reset_at_document = layout, reset_at_document
+        self.vocab_size, self.where = vocab_size, where  # token ids must lie below vocab_size (damaged shards do not)
         self.epoch, self.start = 0, 0  # set by the loader before each iteration
 
     def __len__(self) -> int:
@@ -70,6 +73,11 @@ class BlockBatches(IterableDataset):
             valid[row, :n] = True
             if answers is not None:
                 answers[row, :n] = stream.answers(start, stop)
+        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+            raise ValueError(
+                f"{self.where} holds token id {int(tokens.max())}, beyond its vocabulary ({self.vocab_size}): a "
+                "damaged shard; verify it with data.verify_checksums or prepare the data again"
+            )
         tokens = torch.from_numpy(tokens)
         targets = tokens[:, 1:].clone()  # (B, T)
         targets[~torch.from_numpy(valid[:, 1:])] = -100
@@ -153,7 +161,7 @@ class TokenDataModule(L.LightningDataModule):
         seed: int = 1234,
         source: str | None = None,
         reset_at_document: bool = False,
-        verify_checksums: bool = True,
+        verify_checksums: bool | VerifyMode = "once",
     ):
         """
         Args:
@@ -169,7 +177,9 @@ class TokenDataModule(L.LightningDataModule):
                 corpus, a path to a prepare config (configs/data/*.yaml) runs that preparation; None
                 means it must already be prepared.
             reset_at_document: Streams layout: also flag `reset` on rows whose segment begins a document.
-            verify_checksums: Check every shard's sha256 against the index when the data is opened.
+            verify_checksums: Check the shards' sha256 against the index when the data is opened: "once"
+                (a verified shard is remembered in `<data_dir>/.verified.json` and hashed again only after its
+                size, mtime or ctime change), "always", or "never" (sizes only); true means "once", false "never".
         """
         super().__init__()
         self.save_hyperparameters()
@@ -178,6 +188,7 @@ class TokenDataModule(L.LightningDataModule):
                 f"data.seq_len={seq_len}, data.batch_size={batch_size} must be >= 1 and "
                 f"data.num_workers={num_workers} >= 0"
             )
+        verify_mode(verify_checksums, "data.verify_checksums")
         if layout not in LAYOUTS:
             raise ValueError(f"data.layout={layout!r} is not a layout; choose one of: {', '.join(LAYOUTS)}")
         if source not in (None, "builtin") and not Path(source).is_file():
@@ -212,7 +223,10 @@ class TokenDataModule(L.LightningDataModule):
             prepare_from_config(source, output=self.hparams.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        self.shards = TokenShards.open(self.hparams.data_dir, verify_checksums=self.hparams.verify_checksums)
+        local_rank = self.trainer.local_rank if self.trainer is not None else 0
+        self.shards = TokenShards.open(
+            self.hparams.data_dir, verify_checksums=self.hparams.verify_checksums, remember=local_rank == 0
+        )
         module = self.trainer.lightning_module if self.trainer is not None else None
         model_vocab = getattr(getattr(module, "model_config", None), "vocab_size", None)
         if model_vocab is not None and self.shards.vocab_size > model_vocab:
@@ -259,7 +273,7 @@ class TokenDataModule(L.LightningDataModule):
                 f"up to data.seq_len+1={h.seq_len + 1} tokens, fewer than one batch of data.batch_size="
                 f"{h.batch_size} x {world} ranks; lower seq_len or batch_size, or prepare more data"
             )
-        return BlockBatches(layout, reset_at_document=h.reset_at_document)
+        return BlockBatches(layout, reset_at_document=h.reset_at_document, vocab_size=shards.vocab_size, where=where)
 
     def train_dataloader(self) -> ResumableLoader:
         dataset = self._dataset("train", shuffle=True, accumulate=self.accumulate)

@@ -77,6 +77,8 @@ def prepare(
         raise ValueError(f"give exactly one source: --inputs, --builtin true or --task (got {n_sources})")
     if num_proc < 1 or shard_tokens < 1:
         raise ValueError(f"num_proc={num_proc} and shard_tokens={shard_tokens} must be >= 1")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1): the share of documents kept for validation")
     out = Path(output)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +86,15 @@ def prepare(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.cache-", dir=out.parent) as cache:
         documents, source = document_source(inputs, builtin, task, text_field, text_unit, cache)
         tok = make_tokenizer(tokenizer, bpe_vocab_size, eot_token, documents, val_fraction)
+        if task is not None:
+            task.check(tok)  # a bad length or count is named before the progress bar starts
         with atomic_directory(out) as tmp:
             splits = write_splits(tmp, documents, task, tok, val_fraction, num_proc, shard_tokens, progress)
             if task is None and not (splits["train"]["documents"] and splits["val"]["documents"]):
                 n = splits["train"]["documents"] + splits["val"]["documents"]
+                what = ", ".join(source.get("inputs", [])) or source["kind"]
                 raise ValueError(
-                    f"{source['kind']} source holds {n} document(s), too few for a train and a validation split; "
+                    f"--inputs {what} hold {n} document(s), too few for a train and a validation split; "
                     "add documents or set --text_unit paragraph"
                 )
             write_index(
@@ -122,17 +127,17 @@ def write_splits(
         s: ShardWriter(tmp, s, eot_id=tok.eot_id, dtype=dtype, with_mask=task is not None, shard_tokens=shard_tokens)
         for s in ("train", "val")
     }
-    bar = tqdm(unit="tok", unit_scale=True, desc="tokens", disable=not progress, smoothing=0.1)
-    if task is not None:
-        for split, writer in writers.items():
-            for ids, mask in task.examples(tok, split):
-                writer.add(ids, mask)
+    # The bar ends its line when the loop ends or fails, so an error is printed on a line of its own.
+    with tqdm(unit="tok", unit_scale=True, desc="tokens", disable=not progress, smoothing=0.1) as bar:
+        if task is not None:
+            for split, writer in writers.items():
+                for ids, mask in task.examples(tok, split):
+                    writer.add(ids, mask)
+                    bar.update(len(ids) + 1)
+        else:
+            for split, ids in tokenize(split_stream(documents(), val_fraction), tok, num_proc):
+                writers[split].add(ids)
                 bar.update(len(ids) + 1)
-    else:
-        for split, ids in tokenize(split_stream(documents(), val_fraction), tok, num_proc):
-            writers[split].add(ids)
-            bar.update(len(ids) + 1)
-    bar.close()
     return {s: w.close() for s, w in writers.items()}
 
 

@@ -4,6 +4,8 @@ Each split (train, val) is a list of shards; a shard is a raw little-endian arra
 for vocabularies above 65536) token ids in which documents follow each other, each ended by the
 tokenizer's end-of-text id. Synthetic tasks add, per shard, a uint8 array of the same length that is 1
 on answer tokens. The index records token counts, dtype, tokenizer, vocab size and sha256 checksums.
+Hashing runs at a few hundred MB/s, so a verified file is remembered in `.verified.json` beside the
+shards, by its size, mtime and ctime, and not hashed again while those stay the same.
 
 Why not a streaming library's format (litdata, docs/design.md): litdata pulls in torchvision, which breaks
 the pinned CPU torch, and the "streams" layout and exact resume need control over which block each row
@@ -16,18 +18,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 INDEX = "index.json"
 FORMAT = "lctrain-tokens/1"
 TOKENIZER_FILE = "tokenizer.json"  # a JSON tokenizer is also saved beside the shards, for other tools
+VERIFIED_FILE = ".verified.json"  # files whose checksum was verified, with the stat they had then
+VERIFY_MODES = ("once", "always", "never")
+VerifyMode = Literal["once", "always", "never"]
+
+log = logging.getLogger(__name__)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -167,16 +176,85 @@ def write_index(
     (directory / INDEX).write_text(json.dumps(index, indent=2))
 
 
+def verify_mode(value: bool | str, key: str = "verify_checksums") -> VerifyMode:
+    """The mode "once", "always" or "never"; the booleans of earlier configs read as True = "once", False = "never"."""
+    if value is True or value is False:
+        return "once" if value else "never"
+    if value not in VERIFY_MODES:
+        raise ValueError(f"{key}={value!r} is not one of: once, always, never (or true = once, false = never)")
+    return value
+
+
+def file_stamp(path: Path) -> dict[str, int]:
+    """What changes when a file's bytes do: its size, and its mtime and ctime in nanoseconds (ctime also
+    changes when the file is copied or its mtime is set back)."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+class VerifiedFiles:
+    """The files of a data directory whose checksum was verified: name -> {size, mtime_ns, ctime_ns, sha256}.
+
+    A file counts as verified while its stamp is unchanged and the index still expects the same checksum.
+    The record is rewritten atomically (a temporary file, then a rename), so ranks that open the data at
+    the same time read a whole record; where the directory cannot be written, nothing is remembered.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / VERIFIED_FILE
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: verify again
+            entries = {}
+        self.entries: dict[str, dict[str, Any]] = entries if isinstance(entries, dict) else {}
+        self.changed = False
+
+    def is_verified(self, path: Path, digest: str) -> bool:
+        entry = self.entries.get(path.name)
+        return entry == {**file_stamp(path), "sha256": digest}
+
+    def add(self, path: Path, stamp: dict[str, int], digest: str) -> None:
+        self.entries[path.name] = {**stamp, "sha256": digest}
+        self.changed = True
+
+    def save(self, names: set[str]) -> None:
+        """Write the entries of `names` (the files the index lists) if anything was verified."""
+        if not self.changed:
+            return
+        entries = {name: entry for name, entry in sorted(self.entries.items()) if name in names}
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=VERIFIED_FILE + ".", suffix=".tmp", dir=self.path.parent)
+            os.fchmod(fd, 0o644)  # readable by whoever reads the shards (mkstemp makes it private)
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only data directory: verified again next time
+            log.info("data: cannot record verified checksums in %s (%s); they are hashed at every start", self.path, e)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class TokenShards:
     """A prepared data directory, validated on open: index present, files present, sizes as recorded,
-    token ids below the vocabulary size, and (optionally) every checksum."""
+    token ids below the vocabulary size, and (per `verify_checksums`) every checksum.
+
+    verify_checksums: "once" hashes the files not verified since they last changed; "always" hashes every
+    file; "never" checks sizes only. True and False, the values of earlier versions, mean "once" and
+    "never". With `remember`, files verified here are recorded (VerifiedFiles) for later opens; ranks that
+    open the data together let one process per node write the record.
+    """
 
     root: Path
     index: dict[str, Any]
 
     @classmethod
-    def open(cls, root: str | os.PathLike, *, verify_checksums: bool = False) -> TokenShards:
+    def open(
+        cls, root: str | os.PathLike, *, verify_checksums: bool | VerifyMode = False, remember: bool = True
+    ) -> TokenShards:
+        mode = verify_mode(verify_checksums)
         root = Path(root)
         index_path = root / INDEX
         if not index_path.is_file():
@@ -192,6 +270,8 @@ class TokenShards:
         if index.get("format") != FORMAT:
             raise ValueError(f"{index_path} has format {index.get('format')!r}, expected {FORMAT!r}; prepare again")
         itemsize = np.dtype(index["dtype"]).itemsize
+        verified = VerifiedFiles(root) if mode != "never" else None
+        listed: set[str] = set()
         for name, split in index["splits"].items():
             if split.get("max_id", 0) >= index["vocab_size"]:
                 raise ValueError(
@@ -203,7 +283,17 @@ class TokenShards:
                 if "mask_file" in shard:
                     files.append((shard["mask_file"], shard["tokens"], shard["mask_sha256"]))
                 for file, size, digest in files:
-                    check_file(root / file, size, digest if verify_checksums else None, index_path)
+                    path = root / file
+                    check_file(path, size, index_path)
+                    listed.add(file)
+                    if verified is None or (mode == "once" and verified.is_verified(path, digest)):
+                        continue
+                    stamp = file_stamp(path)  # taken before hashing: a write during it shows as a change later
+                    if sha256_of(path) != digest:
+                        raise ValueError(f"shard {path} fails its sha256 checksum: corrupted; prepare the data again")
+                    verified.add(path, stamp, digest)
+        if verified is not None and remember:
+            verified.save(listed)
         tokenizer_file = root / TOKENIZER_FILE
         if index["tokenizer"]["kind"] == "json" and tokenizer_file.is_file():
             digest = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
@@ -237,7 +327,7 @@ class TokenShards:
         return [np.memmap(self.root / s["mask_file"], dtype=np.uint8, mode="r", shape=(s["tokens"],)) for s in shards]
 
 
-def check_file(path: Path, size: int, digest: str | None, index_path: Path) -> None:
+def check_file(path: Path, size: int, index_path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"shard {path} listed in {index_path} is missing; prepare the data again")
     if path.stat().st_size != size:
@@ -245,5 +335,3 @@ def check_file(path: Path, size: int, digest: str | None, index_path: Path) -> N
             f"shard {path} holds {path.stat().st_size} bytes, the index says {size}: truncated or corrupted; "
             "prepare the data again"
         )
-    if digest is not None and sha256_of(path) != digest:
-        raise ValueError(f"shard {path} fails its sha256 checksum: corrupted; prepare the data again")

@@ -48,7 +48,15 @@ class LanguageModel(Protocol):
         """(name, layer) of every mixture-of-experts stage, each with `tokens_per_expert` and `reset_counters()`."""
         ...
 
-    def forward(self, input_ids: Tensor, state: State | None = None, *, return_hidden: bool = False) -> ModelOutput: ...
+    def output_head(self, hidden: Tensor) -> Tensor:
+        """Final hidden states (..., D) -> logits (..., V), the last step of `forward`. The trainer applies it to
+        a few tokens at a time (forward with return_hidden=True, return_logits=False), so the logits of a whole
+        batch never exist at once."""
+        ...
+
+    def forward(
+        self, input_ids: Tensor, state: State | None = None, *, return_hidden: bool = False, return_logits: bool = True
+    ) -> ModelOutput: ...
 
 
 def exclude_from_weight_decay(*params: nn.Parameter | None) -> None:

@@ -3,10 +3,11 @@
 A pre-norm Transformer whose token embedding lives in its own width (`d_vocab`) with projections
 to and from `d_model`, tied input/output embeddings, SwiGLU feed-forward layers and RoPE attention
 (reversed by default: the newest token is always at position 0; optional NTK/dynamic scaling) with
-optional attention registers. Its state is a per-layer KV cache of un-rotated keys, which serves both
+optional attention registers. Its state is a per-layer KV cache of keys rotated once (values beside), which serves both
 decoding and Transformer-XL training: with `cache_len > 0` the state is trimmed to the newest
 `cache_len` positions after every call, and `reset_rows` drops the past of rows that begin a new
-stream. `self_extend` switches every attention layer to SelfExtend without changing the parameters.
+stream (and records where they began). `self_extend` switches every attention layer to SelfExtend
+without changing the parameters; registers stay position-free under it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .layers.attention import Backend, CausalSelfAttention, KVState
@@ -90,10 +92,10 @@ class LSWTConfig:
             )
         if self.rope_ntk_scale <= 0:
             raise ValueError(f"model.rope_ntk_scale={self.rope_ntk_scale} must be > 0 (1 turns NTK scaling off)")
-        if self.self_extend is not None and (self.n_registers or self.rope_scaling is not None):
+        if self.self_extend is not None and self.rope_scaling is not None:
             raise ValueError(
-                f"model.self_extend does not combine with model.n_registers={self.n_registers} or RoPE scaling "
-                f"(rope_ntk_scale={self.rope_ntk_scale}, rope_dynamic={self.rope_dynamic}); turn one of them off"
+                f"model.self_extend does not combine with RoPE scaling (rope_ntk_scale={self.rope_ntk_scale}, "
+                f"rope_dynamic={self.rope_dynamic}): both change the rotary positions; turn one of them off"
             )
 
     @property
@@ -133,11 +135,17 @@ def from_seed_names(overrides: dict[str, Any]) -> dict[str, Any]:
 class LSWTState(ModelState):
     layers: list[KVState]  # one per block: keys/values (B, H, M, Dh), M <= cache_len when cache_len > 0
     position: int  # absolute position of the next token (counts every token seen, trimmed or not)
+    stream_start: Tensor | None = None  # (B,) int64: position where each row's stream began; None: 0 for all
 
     def reset_rows(self, rows: Tensor) -> LSWTState:
         """Drop the past of the rows where `rows` (B,) is True (a new stream begins there); the other
-        rows keep theirs. Hidden positions are masked until trimming pushes them out of the cache."""
-        return LSWTState([kv.reset_rows(rows) for kv in self.layers], self.position)
+        rows keep theirs. Hidden positions are masked until trimming pushes them out of the cache; the
+        stream's start stays, since SelfExtend groups a row's positions counted from it."""
+        start = self.stream_start
+        if start is None:  # kept beside the keys, which SelfExtend positions from it
+            start = torch.zeros(rows.shape, dtype=torch.long, device=self.layers[0].keys.device)
+        start = torch.where(rows.to(start.device), self.position, start)  # (B,)
+        return LSWTState([kv.reset_rows(rows) for kv in self.layers], self.position, start)
 
 
 class LSWTBlock(nn.Module):
@@ -162,8 +170,10 @@ class LSWTBlock(nn.Module):
         self.feed_forward = SwiGLU(config.d_model, config.d_ff, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, state: KVState | None, offset: int) -> tuple[Tensor, KVState]:
-        a, state = self.attention(self.attention_norm(x), state, offset)
+    def forward(
+        self, x: Tensor, state: KVState | None, offset: int, stream_start: Tensor | None = None
+    ) -> tuple[Tensor, KVState]:
+        a, state = self.attention(self.attention_norm(x), state, offset, stream_start)
         x = x + self.dropout(a)
         x = x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
         return x, state
@@ -199,23 +209,34 @@ class LSWT(nn.Module):
         """None: LSWT has no mixture-of-experts stage (the contract asks every model)."""
         return []
 
-    def forward(self, input_ids: Tensor, state: LSWTState | None = None, *, return_hidden: bool = False) -> ModelOutput:
+    def output_head(self, h: Tensor) -> Tensor:
+        """Final hidden states (..., D) -> logits (..., V) through the tied embedding."""
+        return self.output_proj(h) @ self.embed.weight.T  # (..., d_vocab) @ (d_vocab, V) -> (..., V)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: LSWTState | None = None,
+        *,
+        return_hidden: bool = False,
+        return_logits: bool = True,
+    ) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
-        offset = 0 if state is None else state.position
+        offset, stream_start = (0, None) if state is None else (state.position, state.stream_start)
         h = self.input_norm(self.input_proj(self.embed(input_ids)))  # (B, T, D)
         layers = []
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, None if state is None else state.layers[i], offset)
+            h, kv = block(h, None if state is None else state.layers[i], offset, stream_start)
             layers.append(kv.trim(self.config.cache_len) if self.config.cache_len else kv)
         h = self.norm(h)
-        logits = self.output_proj(h) @ self.embed.weight.T  # (B, T, d_vocab) @ (d_vocab, V) -> (B, T, V)
-        new_state = LSWTState(layers, offset + input_ids.shape[1])
+        new_state = LSWTState(layers, offset + input_ids.shape[1], stream_start)
+        logits = self.output_head(h) if return_logits else None  # (B, T, V)
         return ModelOutput(logits, new_state, {}, h if return_hidden else None)
 
 
 SIZES: dict[str, dict] = {
-    # Trains in seconds on a CPU: the default job and the tests. No registers, so SelfExtend can be
-    # switched on at evaluation time (configs/lswt/debug.yaml adds them for XL training).
+    # Trains in seconds on a CPU: the default job and the tests. No registers (configs/lswt/debug.yaml adds
+    # them for XL training); SelfExtend can be switched on at evaluation time, with or without them.
     "debug": dict(vocab_size=512, d_vocab=64, d_model=64, n_layers=2, n_heads=4, d_ff=192, rope_base=10000.0),
     # The seed's table (Dec-2023 generation): d_ff = 4 * d_model, d_key = 64, a 768-wide OPT vocabulary,
     # 16 registers per layer (2 * 16 * d_model parameters each: under 0.1% of any size).

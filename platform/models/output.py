@@ -18,7 +18,7 @@ from torch import Tensor
 
 
 class ModelOutput(NamedTuple):
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None with return_logits=False (the caller applies `output_head` itself)
     state: Any  # the architecture's ModelState; pass it back in to continue the sequence
     aux_losses: dict[str, Tensor]  # unweighted, named; their weights are training settings
     hidden: Tensor | None = None  # (B, T, D) final hidden states, only with return_hidden=True
@@ -56,10 +56,12 @@ def zero_rows(t: Tensor, rows: Tensor) -> Tensor:
 
 def state_to_tree(value: Any) -> Any:
     """A state as nested dicts, lists, tensors and numbers, which a weights-only checkpoint load
-    accepts; each state records its class so `state_from_tree` can rebuild it."""
+    accepts; each state records its class so `state_from_tree` can rebuild it. Fields marked
+    `metadata={"transient": True}` are left out (they must have defaults)."""
     if isinstance(value, ModelState):
         cls = type(value)
-        tree = {f.name: state_to_tree(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = [f for f in dataclasses.fields(value) if not f.metadata.get("transient")]  # e.g. buffer bookkeeping
+        tree = {f.name: state_to_tree(getattr(value, f.name)) for f in fields}
         return {"__state__": f"{cls.__module__}:{cls.__qualname__}", **tree}
     if isinstance(value, (list, tuple)):
         return [state_to_tree(v) for v in value]

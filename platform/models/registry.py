@@ -62,7 +62,22 @@ def config_for(arch: str, size: str = "debug", **overrides: Any):
         raise ValueError(
             f"unknown {arch} config key '{unknown[0]}' in model.config; valid keys: {', '.join(sorted(fields))}"
         )
-    return fam.config(**{**fam.sizes[size], **overrides})
+    config = fam.config(**{**fam.sizes[size], **overrides})
+    check_counts(config)
+    return config
+
+
+# Sizes and counts that a model cannot have zero of; every other whole-number field may be 0 (off), none negative.
+POSITIVE_FIELDS = {"vocab_size", "d_vocab", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads"}
+
+
+def check_counts(config: Any) -> None:
+    """Name a negative width or count (or a zero one that no model can have) before any tensor is made."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if type(value) is int and value < (1 if f.name in POSITIVE_FIELDS else 0):
+            bound = ">= 1" if f.name in POSITIVE_FIELDS else ">= 0"
+            raise ValueError(f"model.model_config.{f.name}={value} must be {bound}")
 
 
 def build_model(arch: str, size: str = "debug", **overrides: Any) -> nn.Module:

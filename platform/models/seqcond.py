@@ -122,8 +122,17 @@ class SeqCond(nn.Module):
         """None: SeqCond has no mixture-of-experts stage (the contract asks every model)."""
         return []
 
+    def output_head(self, h: Tensor) -> Tensor:
+        """Final hidden states (..., D) -> logits (..., V): the head, or the embedding when tied."""
+        return self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.T
+
     def forward(
-        self, input_ids: Tensor, state: SeqCondState | None = None, *, return_hidden: bool = False
+        self,
+        input_ids: Tensor,
+        state: SeqCondState | None = None,
+        *,
+        return_hidden: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
         offset = 0 if state is None else state.position
@@ -140,7 +149,7 @@ class SeqCond(nn.Module):
             h, layer_state = block(h, None if state is None else state.layers[i], offset)
             layers.append(layer_state)
         h = self.norm(h)
-        logits = self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.T  # (B, T, V)
+        logits = self.output_head(h) if return_logits else None  # (B, T, V)
         new_state = SeqCondState(layers, offset + input_ids.shape[1])
         return ModelOutput(logits, new_state, {}, h if return_hidden else None)
 

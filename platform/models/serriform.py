@@ -335,16 +335,28 @@ class SerriformNet(nn.Module):
         """(name, layer) for every MoE stage, e.g. ("blocks.3.moe", MoE); read `layer.tokens_per_expert`."""
         return [(name, module) for name, module in self.named_modules() if isinstance(module, MoE)]
 
+    def output_head(self, h: Tensor) -> Tensor:
+        """Final hidden states (..., D) -> logits (..., V)."""
+        return self.lm_head(h)
+
     def forward(
-        self, input_ids: Tensor, state: SerriformState | None = None, *, return_hidden: bool = False
+        self,
+        input_ids: Tensor,
+        state: SerriformState | None = None,
+        *,
+        return_hidden: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
         offset = 0 if state is None else state.position
         positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)  # (T,)
         if state is not None and state.stream_start is not None:
             positions = positions - state.stream_start.to(positions.device)[:, None]  # (B, T): from each row's start
-        # the "multiplicative RoPE gate": channel pairs (d, d + D/2) rotated by position * base^(-2d/D)
-        h = apply_rotary(self.embed(input_ids), *rotary_angles(positions, self.config.d_model, self.config.rope_base))
+        # the "multiplicative RoPE gate": channel pairs (d, d + D/2) rotated by position * base^(-2d/D), with
+        # angles in the wider of fp32 and the model's dtype (a float64 model rotates in float64)
+        x = self.embed(input_ids)  # (B, T, D)
+        angles_dtype = torch.promote_types(x.dtype, torch.float32)
+        h = apply_rotary(x, *rotary_angles(positions, self.config.d_model, self.config.rope_base, dtype=angles_dtype))
         h = self.dropout(h)  # (B, T, D)
         layers, aux = [], []
         for i, block in enumerate(self.blocks):
@@ -355,7 +367,8 @@ class SerriformNet(nn.Module):
         # mean over layers, so an aux-loss weight means the same at any depth
         aux_losses = {name: torch.stack([a[name] for a in aux]).mean() for name in aux[0]}
         new_state = SerriformState(layers, offset + input_ids.shape[1], None if state is None else state.stream_start)
-        return ModelOutput(self.lm_head(h), new_state, aux_losses, h if return_hidden else None)
+        logits = self.output_head(h) if return_logits else None  # (B, T, V)
+        return ModelOutput(logits, new_state, aux_losses, h if return_hidden else None)
 
 
 SIZES: dict[str, dict] = {

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
+import statistics
+from collections import deque
 
 import lightning as L
 import torch
@@ -132,6 +135,63 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.consecutive, self.skipped = state_dict["consecutive"], state_dict["skipped"]
+
+
+class LossSpikeDetector(L.Callback):
+    """Logs a training loss far above its recent values: more than `threshold` standard deviations over the
+    mean of the last `window` finite losses. Nothing is skipped (the NaN guard handles non-finite steps); a
+    spike is counted as `train/loss_spikes`, its size as `train/loss_spike_z`, and warned about, so a run
+    that is starting to diverge is visible before it fails."""
+
+    def __init__(self, window: int = 128, threshold: float = 6.0, min_history: int = 32):
+        """
+        Args:
+            window: Losses (micro-batches) the mean and standard deviation are taken over (0 turns it off).
+            threshold: A loss this many standard deviations above the mean is a spike.
+            min_history: Losses seen before the first judgement (the first steps fall fast).
+        """
+        super().__init__()
+        if window < 0 or threshold <= 0 or min_history < 2:
+            raise ValueError(
+                f"loss_spike.window={window} must be >= 0, loss_spike.threshold={threshold} > 0 and "
+                f"loss_spike.min_history={min_history} >= 2"
+            )
+        self.window, self.threshold, self.min_history = window, threshold, min(min_history, max(window, 2))
+        self.recent: deque[float] = deque(maxlen=max(window, 1))
+        self.spikes = 0
+
+    def observe(self, loss: float) -> float | None:
+        """Take one loss; return its z-score when it is a spike, else None."""
+        if not math.isfinite(loss):
+            return None
+        z = None
+        if len(self.recent) >= self.min_history:
+            mean = statistics.fmean(self.recent)
+            std = statistics.pstdev(self.recent, mean)
+            score = (loss - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
+            if score > self.threshold:
+                z, self.spikes = score, self.spikes + 1
+        self.recent.append(loss)
+        return z
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not self.window or not isinstance(loss, Tensor):
+            return
+        z = self.observe(float(loss.detach()))
+        if z is not None:
+            log_to_loggers(trainer, {"train/loss_spike_z": z, "train/loss_spikes": self.spikes})
+            rank_zero_warn(
+                f"step {trainer.global_step}: training loss {float(loss):.4g} is {z:.1f} standard "
+                f"deviations above the mean of the last {len(self.recent) - 1} (spike {self.spikes})"
+            )
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "spikes": self.spikes}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.recent.extend(state_dict["recent"])
+        self.spikes = state_dict["spikes"]
 
 
 def log_to_loggers(trainer: L.Trainer, metrics: dict) -> None:

@@ -2,9 +2,153 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Below this many logits (64 MiB in fp32) a batch's head runs in one piece: the memory at stake is small, and
+# one pass costs less than several (a byte-level vocabulary's 16 x 256 tokens: 1M logits).
+SMALL_LOGITS = 2**24
+
+
+class HeadLosses(NamedTuple):
+    """The output head's cross-entropy over a flattened batch of N target tokens."""
+
+    loss: Tensor  # scalar sum_i w_i * nll_i with the caller's weights w: the one differentiable output
+    nll: Tensor  # (N,) per-token NLL, detached (fp32, or fp64 for fp64 logits); 0 where the target is ignored
+    top1: Tensor | None  # (N,) bool: a counted target that is the argmax; None unless asked for
+    topk: Tensor | None  # (N,) bool: a counted target among the top-k logits; None unless asked for
+
+
+def token_weights(
+    targets: Tensor, ignore_index: int = -100, answer_mask: Tensor | None = None, answer_weight: float = 1.0
+) -> Tensor:
+    """(N,) fp64 weights w such that sum_i w_i * nll_i is the trained cross-entropy: 1 / (number of counted
+    targets) on each counted one; with answer marks, proportional to answer_weight on answer tokens and 1 on
+    the others, summing to 1 (as `answer_weighted_ce`). targets (and answer_mask) (B, T) or (N,)."""
+    weights = (targets != ignore_index).reshape(-1).to(torch.float64)  # (N,)
+    if answer_mask is not None and answer_weight != 1.0:
+        weights = torch.where(answer_mask.reshape(-1), answer_weight, 1.0).to(torch.float64) * weights
+    return weights / weights.sum().clamp(min=1e-12)
+
+
+def head_losses(
+    head: Callable[[Tensor], Tensor],
+    hidden: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = 1024,
+    top_k: int | None = None,
+    min_logits: int | None = None,
+) -> HeadLosses:
+    """sum_i w_i * NLL_i of `head(hidden)` (and the top-1/top-k hits), `chunk_size` tokens at a time.
+
+    The logits are a batch's largest tensor: B*T*V floats (8 x 1024 tokens over 100k ids: 3.3 GB in fp32,
+    and as much again for their gradient). Here a chunk's logits exist only while that chunk is computed,
+    and its backward runs at once: the loss is a sum with weights known in advance, so the gradients of a
+    chunk's share with respect to its hidden states and the head's weights are final up to the one scalar
+    that arrives in backward. Backward then only scales what forward kept (a gradient the size of the
+    hidden states and one the size of the head). The head runs once forward and once backward, as without
+    chunks. chunk_size None or 0, or a batch of at most `min_logits` logits (default SMALL_LOGITS), applies
+    the head to all tokens at once, with plain autograd.
+    hidden (B, T, D) or (N, D); targets (B, T) or (N,) with `ignore_index` where nothing is predicted;
+    weights (N,) (`token_weights`).
+    """
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
+    probe = head(hidden[:1].detach()) if chunk_size else None  # (1, V): the vocabulary, and the head's graph
+    small = min_logits if min_logits is not None else SMALL_LOGITS
+    if not chunk_size or len(targets) * probe.shape[-1] <= small:
+        nll, top1, topk = _chunk_losses(head(hidden), targets, ignore_index, top_k)
+        return HeadLosses((nll * weights.to(nll.dtype)).sum(), nll.detach(), top1, topk)
+    leaves = _head_leaves(probe)
+    if not (leaves or (torch.is_grad_enabled() and hidden.requires_grad)):  # nothing to differentiate
+        with torch.no_grad():
+            parts = [_chunk_losses(head(h), t, ignore_index, top_k) for h, t in _chunks(hidden, targets, chunk_size)]
+        nll, top1, topk = _join(parts)
+        return HeadLosses((nll * weights.to(nll.dtype)).sum(), nll, top1, topk)
+    loss, nll, top1, topk = _ChunkedHeadLoss.apply(
+        head, targets, weights, ignore_index, chunk_size, top_k, hidden, *leaves
+    )  # fmt: skip
+    return HeadLosses(loss, nll, top1 if top_k else None, topk if top_k else None)
+
+
+def _chunks(hidden: Tensor, targets: Tensor, size: int):
+    return zip(hidden.split(size), targets.split(size))
+
+
+def _join(parts):
+    nll, top1, topk = zip(*parts)
+    hits = [None if h[0] is None else torch.cat(h) for h in (top1, topk)]
+    return torch.cat(nll), *hits
+
+
+def _chunk_losses(logits: Tensor, targets: Tensor, ignore_index: int, top_k: int | None):
+    """nll (n,) of logits (n, V) in fp32 or wider, and with top_k the top-1 and top-k hits (n,) bool."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # (n,)
+    if top_k is None:
+        return nll, None, None
+    with torch.no_grad():
+        valid = targets != ignore_index
+        ranked = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices  # (n, k), best first
+        hits = ranked == targets[:, None]  # (n, k)
+        return nll, hits[:, 0] & valid, hits.any(dim=-1) & valid
+
+
+def _head_leaves(probe: Tensor) -> list[Tensor]:
+    """The tensors requiring gradients that the head reads: its weights as autograd sees them (under a sharding
+    strategy, the gathered copies), found by following the graph of `probe`, the head applied to one token."""
+    leaves, stack, seen = [], [probe.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):  # AccumulateGrad: a leaf
+            leaves.append(fn.variable)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Forward computes each chunk's loss and its gradients at once (see `head_losses`); backward scales them."""
+
+    @staticmethod
+    def forward(ctx, head, targets, weights, ignore_index, chunk_size, top_k, hidden, *leaves):
+        want_hidden = ctx.needs_input_grad[6]
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_leaves = [torch.zeros_like(leaf) for leaf in leaves]
+        loss, parts, start = 0.0, [], 0
+        for (h, t), w in zip(_chunks(hidden, targets, chunk_size), weights.split(chunk_size)):
+            h = h.detach().requires_grad_(want_hidden)
+            with torch.enable_grad():
+                nll, top1, topk = _chunk_losses(head(h), t, ignore_index, top_k)
+                chunk_loss = (nll * w.to(nll.dtype)).sum()
+            grads = list(torch.autograd.grad(chunk_loss, [h] * want_hidden + list(leaves), allow_unused=True))
+            if want_hidden:
+                grad_hidden[start : start + len(t)] = grads.pop(0)  # (n, D)
+            for total, grad in zip(grad_leaves, grads):
+                if grad is not None:
+                    total += grad
+            loss, start = loss + chunk_loss.detach(), start + len(t)
+            parts.append((nll.detach(), top1, topk))
+        ctx.want_hidden = want_hidden
+        ctx.save_for_backward(*([grad_hidden] if want_hidden else []), *grad_leaves)
+        nll, top1, topk = _join(parts)
+        if top1 is None:  # autograd outputs are tensors: empty ones stand for "not asked for"
+            top1 = topk = torch.zeros(0, dtype=torch.bool, device=hidden.device)
+        ctx.mark_non_differentiable(nll, top1, topk)
+        return loss, nll, top1, topk
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        grad_hidden = grads.pop(0) if ctx.want_hidden else None
+        return None, None, None, None, None, None, grad_hidden, *grads
 
 
 def token_nll(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:

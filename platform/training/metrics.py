@@ -34,40 +34,11 @@ class Perplexity(Metric):
         return torch.exp(self.nll_sum / self.count.clamp(min=1)).float()
 
 
-class TokenAccuracy(Metric):
-    """Fraction of non-ignored targets found among the top-k logits (micro average over tokens)."""
+class HitRate(Metric):
+    """Fraction of counted tokens that are hits (micro average over tokens), from per-token flags.
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, top_k: int = 1, ignore_index: int = -100, **kwargs):
-        super().__init__(**kwargs)
-        if top_k < 1:
-            raise ValueError(f"TokenAccuracy top_k={top_k} must be >= 1")
-        self.top_k, self.ignore_index = top_k, ignore_index
-        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, logits: Tensor, targets: Tensor) -> None:
-        """logits (..., V), targets (...) with `ignore_index` where there is nothing to predict."""
-        logits, targets = logits.detach().reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        keep = targets != self.ignore_index
-        logits, targets = logits[keep], targets[keep]
-        k = min(self.top_k, logits.shape[-1])
-        hits = (logits.topk(k, dim=-1).indices == targets.unsqueeze(-1)).any(dim=-1)  # (N,)
-        self.correct += hits.sum()
-        self.total += targets.numel()
-
-    def compute(self) -> Tensor:
-        return self.correct.float() / self.total.clamp(min=1).float()
-
-
-class AnswerExactMatch(Metric):
-    """Fraction of rows whose answer tokens are all predicted by argmax (synthetic tasks' exact match).
-
-    A row counts when it holds at least one answer token (`answer_mask`, on target positions); it is
-    correct when the argmax of the logits equals the target at every one of them.
+    The training module computes the flags chunk by chunk beside the loss (losses.chunked_token_losses),
+    so the accuracies never need the logits of a whole batch.
     """
 
     is_differentiable = False
@@ -79,15 +50,65 @@ class AnswerExactMatch(Metric):
         self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor, targets: Tensor, answer_mask: Tensor) -> None:
-        """logits (B, T, V), targets (B, T), answer_mask (B, T) bool."""
-        wrong = (logits.detach().argmax(dim=-1) != targets) & answer_mask  # (B, T)
+    def update(self, hits: Tensor, counted: Tensor) -> None:
+        """hits, counted: bool of one shape; a hit outside `counted` is not counted."""
+        self.correct += (hits & counted).sum()
+        self.total += counted.sum()
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class TokenAccuracy(HitRate):
+    """Fraction of non-ignored targets found among the top-k logits (micro average over tokens)."""
+
+    def __init__(self, top_k: int = 1, ignore_index: int = -100, **kwargs):
+        super().__init__(**kwargs)
+        if top_k < 1:
+            raise ValueError(f"TokenAccuracy top_k={top_k} must be >= 1")
+        self.top_k, self.ignore_index = top_k, ignore_index
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        """logits (..., V), targets (...) with `ignore_index` where there is nothing to predict."""
+        logits, targets = logits.detach().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        k = min(self.top_k, logits.shape[-1])
+        hits = (logits.topk(k, dim=-1).indices == targets.unsqueeze(-1)).any(dim=-1)  # (N,)
+        super().update(hits, targets != self.ignore_index)
+
+
+class RowExactMatch(Metric):
+    """Fraction of rows whose answer tokens are all hits (synthetic tasks' exact match), from per-token flags.
+
+    A row counts when it holds at least one answer token (`answer_mask`, on target positions); it is
+    correct when every one of them is a hit (the argmax equals the target).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, hits: Tensor, answer_mask: Tensor) -> None:
+        """hits (B, T) bool: argmax == target; answer_mask (B, T) bool."""
+        wrong = ~hits & answer_mask  # (B, T)
         scored = answer_mask.any(dim=-1)  # (B,)
         self.correct += (scored & ~wrong.any(dim=-1)).sum()
         self.total += scored.sum()
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1).float()
+
+
+class AnswerExactMatch(RowExactMatch):
+    """RowExactMatch with the hits taken from logits (B, T, V) and targets (B, T)."""
+
+    def update(self, logits: Tensor, targets: Tensor, answer_mask: Tensor) -> None:
+        """logits (B, T, V), targets (B, T), answer_mask (B, T) bool."""
+        super().update(logits.detach().argmax(dim=-1) == targets, answer_mask)
 
 
 class TokenWeightedMean(Metric):

@@ -5,10 +5,12 @@ directory stops at once while that process lives; a lock whose process has ended
 that an earlier attempt of the same SLURM job left (a requeue, on any node), is taken over. A fit without
 `--ckpt_path` into a directory that already holds checkpoints is refused: it would mix its checkpoints with
 the earlier run's and make `config.yaml` disagree with the weights; `--overwrite_run true` removes them first.
+A fit that stops on a user's error before its first step takes back the files it created (UndoFailedStart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,3 +84,31 @@ def check_fresh_start(root: str | os.PathLike, checkpoint_dir: str | os.PathLike
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     for path in Path(root).glob("hpc_ckpt_*.ckpt"):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class UndoFailedStart:
+    """`with UndoFailedStart(root, started):` removes what a fit created in `root` (config.yaml, logger
+    folders) when it fails before `started()` is true: a bad setting found while the Trainer sets up leaves
+    the directory as it was. Files that were there before are never touched."""
+
+    def __init__(self, root: str | os.PathLike, started) -> None:
+        self.root, self.started = Path(root), started
+        self.before = set(self.root.rglob("*")) if self.root.is_dir() else set()
+        self.root_existed = self.root.is_dir()
+
+    def __enter__(self) -> UndoFailedStart:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None or not issubclass(exc_type, Exception) or self.started():
+            return
+        created = sorted(set(self.root.rglob("*")) - self.before, key=lambda p: len(p.parts), reverse=True)
+        for path in created:  # deepest first, so folders are empty when their turn comes
+            if path.is_dir() and not path.is_symlink():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        if not self.root_existed:
+            with contextlib.suppress(OSError):
+                self.root.rmdir()

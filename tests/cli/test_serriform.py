@@ -53,7 +53,7 @@ def config_args(name: str, run_dir, data_dir, *extra: str, steps: int = 2) -> li
 
 
 def read_csv(run_dir) -> list[dict]:
-    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run_dir / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 

@@ -14,7 +14,7 @@ from tests.helpers import quick_fit_args
 
 
 def metric_keys(run_dir) -> set[str]:
-    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run_dir / "csv" / "metrics.csv") as f:
         return {key for row in csv.DictReader(f) for key, value in row.items() if value}
 
 

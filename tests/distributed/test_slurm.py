@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -76,9 +77,15 @@ def wait_until_done(slurm: LocalSlurm, job_id: str, run: Path, timeout: float = 
     return slurm.job(job_id)
 
 
-def logged_steps(run: Path, version: int) -> list[int]:
-    with open(run / "csv" / f"version_{version}" / "metrics.csv") as f:
+def logged_steps(run: Path) -> list[int]:
+    with open(run / "csv" / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def printed_steps(run: Path, job_id: str) -> tuple[list[int], list[int]]:
+    """The optimizer steps each attempt reported in the job's output (a progress line per step)."""
+    first, _, second = (run / f"slurm-{job_id}.out").read_text().partition("attempt 2:")
+    return tuple([int(n) for n in re.findall(r"^step (\d+)/", text, re.MULTILINE)] for text in (first, second))
 
 
 def last_checkpoint(run: Path) -> dict:
@@ -125,10 +132,11 @@ def test_usr1_saves_requeues_and_the_restarted_job_resumes_the_same_wandb_run(sl
     info = wait_until_done(slurm, job, run)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
 
-    first, second = logged_steps(run, 0), logged_steps(run, 1)
-    assert first[-1] < steps - 1  # the first attempt stopped early
-    assert 0 < second[0] <= first[-1] + 1  # the second resumed where the first saved, not from scratch
-    assert second[-1] == steps - 1 and last_checkpoint(run)["global_step"] == steps
+    first, second = printed_steps(run, job)
+    assert first[-1] < steps  # the first attempt stopped early
+    assert 1 < second[0] <= first[-1] + 1  # the second resumed where the first saved, not from scratch
+    assert second[-1] == steps and last_checkpoint(run)["global_step"] == steps
+    assert logged_steps(run) == list(range(steps))  # one CSV file for the run, each step once
     output = (run / f"slurm-{job}.out").read_text()
     assert "attempt 1: 2 task(s)" in output and "attempt 2: 2 task(s)" in output
 
@@ -151,6 +159,6 @@ def test_bare_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(slurm, 
     (gate / "hold").unlink()  # the restarted attempt passes step 6 without waiting
     info = wait_until_done(slurm, job, run)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
-    second = logged_steps(run, 1)
-    assert second[0] > 0 and second[0] % 5 == 0  # resumed at a periodic checkpoint's step
-    assert second[-1] == steps - 1
+    _, second = printed_steps(run, job)
+    assert second[0] > 1 and (second[0] - 1) % 5 == 0  # resumed at a periodic checkpoint's step
+    assert second[-1] == steps

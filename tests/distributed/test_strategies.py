@@ -38,10 +38,10 @@ def run_fit(*args: str, **env: str) -> str:
     return out
 
 
-def train_rows(run_dir, version: int = 0) -> list[dict]:
+def train_rows(run_dir) -> list[dict]:
     """One row per training step: the step's metrics and its gradient norms, which are logged separately."""
     steps: dict[str, dict] = {}
-    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+    with open(run_dir / "csv" / "metrics.csv") as f:
         for row in csv.DictReader(f):
             steps.setdefault(row["step"], {}).update({k: v for k, v in row.items() if v != ""})
     return [row for row in steps.values() if "train/loss" in row]
@@ -88,7 +88,8 @@ def test_ddp_and_fsdp2_runs_use_two_ranks(runs):
 
 def test_fsdp2_checkpoint_is_a_directory_with_one_shard_per_rank(runs):
     checkpoint = runs / "fsdp2" / "checkpoints" / "step-0000002.ckpt"
-    assert sorted(p.name for p in checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    shards = [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".complete", *shards]  # the marker, written last
 
 
 def test_fsdp2_resumes_from_a_sharded_checkpoint_at_its_step_with_identical_parameters(runs, builtin_data, tmp_path):

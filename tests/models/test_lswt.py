@@ -99,15 +99,21 @@ def test_trimmed_cache_attends_to_the_last_cached_keys_and_the_segment_causally(
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
-def test_the_cache_holds_unrotated_keys_per_head():
-    """§5.17: keys (B, H, T, Dh) equal the key projection of the normed layer input, before RoPE."""
+def test_the_cache_holds_keys_rotated_once_at_their_negated_absolute_positions():
+    """§5.17: keys (B, H, T, Dh) are the key projection of the normed layer input, rotated once by reversed
+    RoPE's angles at their absolute positions (standard RoPE at -p), so later calls never re-rotate them."""
     model = small_model()
     ids = ids_of(11)
     state = model(ids).state
     h0 = model.input_norm(model.input_proj(model.embed(ids)))
     attn = model.blocks[0].attention
-    expected = attn.key(model.blocks[0].attention_norm(h0)).view(2, 11, 3, 8).transpose(1, 2)  # (B, H, T, Dh)
+    raw = attn.key(model.blocks[0].attention_norm(h0)).view(2, 11, 3, 8).transpose(1, 2)  # (B, H, T, Dh)
+    frequencies = 100.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # (Dh/2,)
+    angles = -torch.arange(11, dtype=torch.float64)[:, None] * frequencies  # (T, Dh/2)
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # rotate-half pairs i and i + Dh/2
+    expected = raw * cos + torch.cat([-raw[..., 4:], raw[..., :4]], dim=-1) * sin
     assert state.layers[0].keys.shape == (2, 3, 11, 8)
+    assert (state.layers[0].rotary_base, state.layers[0].rotary_sign) == (100.0, -1)
     torch.testing.assert_close(state.layers[0].keys, expected, rtol=0, atol=1e-12)
 
 
@@ -217,8 +223,8 @@ def test_dynamic_scaling_is_inactive_within_the_trained_length_and_scales_past_i
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="model.rope_dynamic=true needs model.rope_positions"):
         build_model("lswt", "debug", rope_dynamic=True)
-    with pytest.raises(ValueError, match="model.self_extend does not combine with model.n_registers=2"):
-        build_model("lswt", "debug", n_registers=2, self_extend={"group_size": 2, "window_size": 4})
+    with pytest.raises(ValueError, match="model.self_extend does not combine with RoPE scaling"):
+        build_model("lswt", "debug", rope_ntk_scale=2.0, self_extend={"group_size": 2, "window_size": 4})
     with pytest.raises(ValueError, match="model.n_registers=-1 must be >= 0"):
         build_model("lswt", "debug", n_registers=-1)
 

@@ -1,4 +1,5 @@
-"""SelfExtend: the merged distances, both implementations, decoding, padding and the LSWT integration.
+"""SelfExtend: the merged distances, both implementations, decoding, padding, row starts, registers and
+the LSWT integration (with its trimmed XL cache and row resets).
 
 Checks docs/architectures.md items 9-12 and 14 (13, the passkey run, needs a trained model). Float64
 comparisons hold to 1e-12 and float32 ones to 1e-6 (absolute, on outputs of magnitude ~1), unless a
@@ -24,6 +25,7 @@ from lctrain.models.layers.self_extend import (
     merged_distances,
     self_extend_attention,
 )
+from tests.reference.lswt import lswt_logits
 from tests.reference.self_extend import merged_distance, self_extend_reference
 
 CASES = [(2, 4), (4, 8), (3, 8)]  # (G, W); G = 3 does not divide W = 8
@@ -197,6 +199,56 @@ def test_left_padded_rows_match_their_unpadded_computation(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_rows_count_positions_from_their_own_start_after_a_trimmed_past(implementation):
+    """Keys 0..4 were trimmed away (key_offset 5). Row 1 hides its first 4 keys, so it began at absolute
+    position 9, its first visible key; row 2 hides none but began at 4, before the keys the cache still
+    holds, which only `stream_start` can say. Counted from a wrong origin (5 and 4 off: the trimmed count,
+    or 0), G = 3 groups the keys differently."""
+    q, k, v = qkv(t=29, s=37)
+    mask = torch.arange(37) >= torch.tensor([0, 4, 0]).unsqueeze(1)  # (3, 37)
+    kw = dict(group_size=3, window_size=8, key_offset=5, key_padding_mask=mask)
+    ref = dict(group_size=3, window_size=8, key_offset=5, pads=[0, 4, 0])
+    derived = self_extend_attention(q, k, v, implementation=implementation, block_size=5, **kw)
+    assert max_diff(derived, self_extend_reference(q, k, v, starts=[0, 9, 0], **ref)) <= 1e-12
+    starts = torch.tensor([0, 9, 4])
+    given = self_extend_attention(q, k, v, stream_start=starts, implementation=implementation, block_size=5, **kw)
+    assert max_diff(given, self_extend_reference(q, k, v, starts=[0, 9, 4], **ref)) <= 1e-12
+    assert max_diff(given[2], derived[2]) > 1e-3  # row 2's start changes its grouped distances
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reversed", [False, True], ids=["standard", "reversed"])
+def test_registers_join_the_softmax_without_positions(reversed, implementation):
+    """Registers (Hkv 2, R 3) against the float64 reference, with a trimmed past and a padded row; the pad
+    queries of that row see only the registers."""
+    q, k, v = qkv(t=29, s=37)
+    g = torch.Generator().manual_seed(5)
+    reg_k, reg_v = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(2, 3, 6, generator=g).double()
+    mask = torch.arange(37) >= torch.tensor([0, 11, 0]).unsqueeze(1)  # (3, 37): row 1's first 11 keys are pads
+    kw = dict(group_size=3, window_size=8, reversed=reversed, key_offset=5)
+    out = self_extend_attention(
+        q, k, v, key_padding_mask=mask, register_keys=reg_k, register_values=reg_v,
+        implementation=implementation, block_size=5, **kw,
+    )  # fmt: skip
+    expected = self_extend_reference(q, k, v, pads=[0, 11, 0], register_keys=reg_k, register_values=reg_v, **kw)
+    assert max_diff(out, expected) <= 1e-12
+    without = self_extend_attention(q, k, v, key_padding_mask=mask, implementation=implementation, **kw)
+    assert max_diff(out, without) > 1e-3
+    assert out[1, :, :3].abs().min() > 0  # row 1's pad queries (keys 8..10) attend to the registers
+
+
+def test_registers_take_the_general_path_and_agree_inside_the_window():
+    """Inside the window SelfExtend is plain RoPE; with registers it is plain RoPE plus the registers, and
+    both implementations give one result. float64, 1e-12."""
+    q, k, v = qkv(t=5, s=8)
+    reg_k, reg_v = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
+    kw = dict(group_size=2, window_size=8, register_keys=reg_k, register_values=reg_v)
+    outs = [self_extend_attention(q, k, v, implementation=impl, **kw) for impl in IMPLEMENTATIONS]
+    assert max_diff(outs[0], outs[1]) <= 1e-12
+    assert max_diff(outs[0], self_extend_reference(q, k, v, **kw)) <= 1e-12
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_future_keys_leave_earlier_outputs_unchanged(implementation):
     q, k, v = qkv(t=37)
     kw = dict(group_size=3, window_size=8, implementation=implementation, block_size=5)
@@ -229,6 +281,12 @@ def test_invalid_inputs_get_one_line_errors():
         self_extend_attention(q, k, v, group_size=2, window_size=4, key_padding_mask=mask)
     with pytest.raises(ValueError, match="queries T=37 at most keys S=29"):
         self_extend_attention(k.repeat(1, 2, 1, 1), q[:, :2], q[:, :2], group_size=2, window_size=4)
+    with pytest.raises(ValueError, match=r"stream_start must be integer \(B,\) = \(3,\)"):
+        self_extend_attention(q, k, v, group_size=2, window_size=4, stream_start=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="register_keys and register_values go together"):
+        self_extend_attention(q, k, v, group_size=2, window_size=4, register_keys=k[0, :, :3])
+    with pytest.raises(ValueError, match=r"must both be \(Hkv, R, Dh\) with Hkv=2, Dh=6"):
+        self_extend_attention(q, k, v, group_size=2, window_size=4, register_keys=q[0], register_values=q[0])
 
 
 # --- the banded kernel ---------------------------------------------------------------------------
@@ -332,13 +390,18 @@ def test_self_extend_inside_the_window_gives_identical_logits(arch, overrides):
     assert set(extended.state_dict()) == set(plain.state_dict())
 
 
-@pytest.mark.parametrize("arch", ["lswt", "seqcond"])
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [("lswt", {}), ("lswt", {"n_registers": 4}), ("seqcond", {})],
+    ids=["lswt", "registers", "seqcond"],
+)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("prefill", [1, 9])
-def test_self_extend_decoding_matches_full_forward(prefill, implementation, arch):
+def test_self_extend_decoding_matches_full_forward(prefill, implementation, arch, overrides):
     """fp32; tolerance 1e-5 of the largest logit, as the model contract."""
     torch.manual_seed(0)
-    model = build_model(arch, "debug", self_extend=dict(group_size=3, window_size=4, implementation=implementation))
+    se = dict(group_size=3, window_size=4, implementation=implementation)
+    model = build_model(arch, "debug", self_extend=se, **overrides)
     model.eval()
     ids = lswt_ids(21)
     full = model(ids).logits
@@ -369,6 +432,87 @@ def test_self_extend_model_is_causal(arch):
     assert max_diff(a[:, 12:], b[:, 12:]) > 1e-6
 
 
+# A small LSWT whose every axis differs (D 24, 3 heads of 8, F 40, d_vocab 20, V 37, 2 layers), with a
+# large init so attention is sharp and a misplaced position shows in the logits.
+SMALL_LSWT = dict(vocab_size=37, d_vocab=20, d_model=24, n_heads=3, d_ff=40, n_layers=2, rope_base=100.0, init_std=0.2)
+
+
+def small_lswt(**overrides):
+    torch.manual_seed(0)
+    return build_model("lswt", "debug", **{**SMALL_LSWT, **overrides}).double().eval()
+
+
+def lswt_reference(model, ids, *, segment=None, cache_len=0):
+    """float64 logits (T, V) of one stream from its start, fed in segments of `segment` tokens (None: one
+    call) after which the cache keeps the newest `cache_len` keys (0: all), with SelfExtend's distances."""
+    G, W = model.config.self_extend.group_size, model.config.self_extend.window_size
+    sign = -1.0 if model.config.rope_reversed else 1.0
+
+    def visible(i, j):
+        return j <= i and (segment is None or not cache_len or j >= i // segment * segment - cache_len)
+
+    return lswt_logits(model, ids, angle_sign=sign, visible=visible, distance=lambda i, j: merged_distance(i, j, G, W))
+
+
+@pytest.mark.parametrize("n_registers", [0, 2], ids=["plain", "registers"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_lswt_xl_segments_with_a_reset_row_match_fresh_float64_references(implementation, n_registers):
+    """Five segments of 7 tokens, cache_len 9, row 0 reset before segment 2 (position 14; G = 3 divides
+    neither 14 nor the trimmed count 5). The reset row must equal a fresh run on its tokens since the
+    reset, trimmed the same way: in segment 2 its hidden past is still cached, from segment 4 on it has
+    been trimmed away. Row 1 is one stream from 0. float64, atol 1e-10 (measured ~1e-15)."""
+    L, C = 7, 9
+    se = dict(group_size=3, window_size=4, implementation=implementation, block_size=4)
+    model = small_lswt(cache_len=C, n_registers=n_registers, self_extend=se)
+    ids = torch.randint(0, 37, (2, 5 * L), generator=torch.Generator().manual_seed(1))
+    state, pieces, masked = None, [], []
+    for s in range(5):
+        if s == 2:
+            state = state.reset_rows(torch.tensor([True, False]))
+        masked.append(state is not None and state.layers[0].valid is not None)
+        out = model(ids[:, s * L : (s + 1) * L], state=state)
+        pieces.append(out.logits)
+        state = out.state
+    assert masked == [False, False, True, True, False]  # both phases of the reset row are exercised
+    got = torch.cat(pieces, dim=1)  # (2, 35, V)
+    kw = dict(segment=L, cache_len=C)
+    torch.testing.assert_close(got[0, :14], lswt_reference(model, ids[0, :14].tolist(), **kw), rtol=0, atol=1e-10)
+    torch.testing.assert_close(got[0, 14:], lswt_reference(model, ids[0, 14:].tolist(), **kw), rtol=0, atol=1e-10)
+    torch.testing.assert_close(got[1], lswt_reference(model, ids[1].tolist(), **kw), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("rope_reversed", [True, False], ids=["reversed", "standard"])
+def test_lswt_with_registers_and_self_extend_matches_the_float64_reference(rope_reversed):
+    """Registers score against the un-rotated query, tokens by their merged distances. float64, 1e-10."""
+    model = small_lswt(n_registers=3, rope_reversed=rope_reversed, self_extend=dict(group_size=3, window_size=4))
+    ids = torch.randint(0, 37, (2, 20), generator=torch.Generator().manual_seed(2))
+    expected = torch.stack([lswt_reference(model, row.tolist()) for row in ids])
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        model.blocks[0].attention.register_values.mul_(3.0)
+    assert (model(ids).logits - expected).abs().max() > 1e-3  # the registers are part of the sum
+
+
+def test_lswt_with_registers_inside_the_window_equals_plain_attention_with_registers():
+    plain, extended = lswt_pair(torch.float64, n_registers=4)
+    ids = lswt_ids(8)
+    assert max_diff(extended(ids).logits, plain(ids).logits) <= 1e-12
+
+
+def test_named_size_with_its_registers_runs_with_self_extend():
+    """LSWT tiny (16 registers per layer, 153M parameters) builds and runs with SelfExtend; one decoding step
+    after a 23-token prefill equals the last position of a 24-token forward (fp32, 1e-5 of the largest logit)."""
+    torch.manual_seed(0)
+    model = build_model("lswt", "tiny", self_extend={"group_size": 4, "window_size": 8}).eval()
+    assert model.config.n_registers == 16 and model.blocks[0].attention.self_extend is model.config.self_extend
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        step = model(ids[:, 23:], state=model(ids[:, :23]).state).logits
+    assert full.shape == (1, 24, model.config.vocab_size) and full.isfinite().all()
+    assert max_diff(step[:, 0], full[:, 23]) <= 1e-5 * full.abs().max().item()
+
+
 def test_attention_state_holds_unrotated_keys_with_self_extend_on():
     config = SelfExtendConfig(group_size=2, window_size=4)
     layer = CausalSelfAttention(24, 4, 2, self_extend=config).double()
@@ -380,14 +524,26 @@ def test_attention_state_holds_unrotated_keys_with_self_extend_on():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("registers", [False, True], ids=["tokens", "registers"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_cuda_matches_cpu(implementation):
-    """fp32 on the GPU within 1e-5 of the CPU; bf16 within 3e-2 (8 mantissa bits)."""
+def test_cuda_matches_cpu(implementation, registers):
+    """fp32 on the GPU within 1e-5 of the CPU; bf16 within 3e-2 (8 mantissa bits). With registers the
+    bf16 two-pass path merges flash-attn's passes with the registers' torch pass."""
     q, k, v = qkv(t=200, s=300, dtype=torch.float32)
     kw = dict(group_size=4, window_size=32, implementation=implementation, block_size=64)
-    cpu = self_extend_attention(q, k, v, **kw)
-    gpu = self_extend_attention(q.cuda(), k.cuda(), v.cuda(), **kw)
+    reg_k = reg_v = None
+    if registers:
+        reg_k, reg_v = k[0, :, :5].clone(), v[0, :, :5].clone()  # (Hkv, R, Dh)
+    cpu = self_extend_attention(q, k, v, register_keys=reg_k, register_values=reg_v, **kw)
+
+    def on_gpu(t, dtype=torch.float32):
+        return None if t is None else t.cuda().to(dtype)
+
+    gpu = self_extend_attention(
+        on_gpu(q), on_gpu(k), on_gpu(v), register_keys=on_gpu(reg_k), register_values=on_gpu(reg_v), **kw
+    )
     assert max_diff(gpu.cpu(), cpu) <= 1e-5
-    half = self_extend_attention(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(), **kw)
+    bf16 = [on_gpu(t, torch.bfloat16) for t in (q, k, v, reg_k, reg_v)]
+    half = self_extend_attention(*bf16[:3], register_keys=bf16[3], register_values=bf16[4], **kw)
     assert half.dtype == torch.bfloat16
     assert max_diff(half.float().cpu(), cpu) <= 3e-2

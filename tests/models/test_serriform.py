@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from lctrain.models import build_model, config_for, count_parameters
 from lctrain.models.layers.scan import linear_scan
 from lctrain.models.sampling import generate
-from lctrain.models.serriform import SEED_NAMES, SerriformConfig, SerriformNet, from_seed_names
+from lctrain.models.serriform import (
+    SEED_NAMES,
+    SerriformConfig,
+    SerriformLayerState,
+    SerriformNet,
+    SerriformState,
+    from_seed_names,
+)
 from tests.reference.serriform import recurrence_loop, serriform_forward
 
 B, T, V = 2, 24, 97
@@ -92,23 +99,36 @@ def test_chunked_prefill_and_continuation_match_full_forward(ablation):
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_model_matches_float64_token_loop_reference(ablation):
-    """Logits and state of a fresh call and of a call continuing from a state. The model keeps RMSNorm
-    and the rotary gate in fp32 even in a float64 model, so agreement is to 1e-6 of the largest logit, and
-    1e-5 absolute for the states (conv inputs are RMS-normalised, of order 1)."""
+    """Logits and state of a fresh call and of a call continuing from a state. A float64 model computes
+    in float64 throughout (norms, rotary angles, scan), so logits and states agree to 1e-10 absolute
+    (logits of order 0.5; conv inputs are RMS-normalised, of order 1)."""
     model = tiny_model(torch.float64, **ABLATIONS[ablation])
     ids = tokens(t=14)
     first, second = model(ids[:, :9]), None
     ref_first, ref_state = serriform_forward(model, ids[:, :9])
     second = model(ids[:, 9:], state=first.state)
     ref_second, ref_state = serriform_forward(model, ids[:, 9:], ref_state)
-    scale = ref_first.abs().max().item()
     for got, want in ((first.logits, ref_first), (second.logits, ref_second)):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     for i, layer in enumerate(second.state.layers):
         if model.config.use_conv:
-            torch.testing.assert_close(layer.conv_tail, ref_state["tails"][i], rtol=0, atol=1e-5)
+            torch.testing.assert_close(layer.conv_tail, ref_state["tails"][i], rtol=0, atol=1e-10)
         if model.config.use_recurrence:
-            torch.testing.assert_close(layer.recurrent, ref_state["h"][i], rtol=0, atol=1e-5)
+            torch.testing.assert_close(layer.recurrent, ref_state["h"][i], rtol=0, atol=1e-10)
+
+
+def test_float64_model_rotates_by_float64_angles_far_into_a_sequence():
+    """At position 50,000 float32 angles move the logits by ~3e-4 (the same weights in float32 show it);
+    a float64 model rotates in float64 and matches the reference to 1e-10 there too (measured 9e-13)."""
+    model = tiny_model(torch.float64)
+    tails = [torch.zeros(B, 2 * d, 48, dtype=torch.float64) for d in model.config.dilations]  # (k-1)*d inputs
+    memories = [torch.zeros(B, 12, dtype=torch.float64) for _ in tails]
+    state = SerriformState([SerriformLayerState(*pair) for pair in zip(tails, memories)], 50_000)
+    ids = tokens(t=6)
+    want, _ = serriform_forward(model, ids, {"position": 50_000, "tails": tails, "h": memories})
+    torch.testing.assert_close(model(ids, state=state).logits, want, rtol=0, atol=1e-10)
+    in_float32 = model.float()(ids, state=state.to(dtype=torch.float32)).logits
+    assert (in_float32.double() - want).abs().max() > 1e-5
 
 
 def test_state_holds_a_conv_tail_of_k_minus_one_times_dilation_and_the_memory_vector():

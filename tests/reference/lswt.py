@@ -3,8 +3,10 @@
 Every token is rotated by an explicit angle sign * position * w_i, every score is one dot product,
 and which keys a query sees is a predicate, so the reference says nothing about caches, reversed
 position counting or kernels: the tests express those through `positions`, `angle_sign` and
-`visible`. Registers score against the un-rotated query (§0). Also SimCTG (§3.3) as a pair loop.
-Never imported by platform/.
+`visible`. A `distance` function replaces the positions by any relative distance per pair (SelfExtend's
+merged distances): the query stays unrotated and the key turns by minus that distance, as in the
+official decoding form. Registers score against the un-rotated query (§0). Also SimCTG (§3.3) as a
+pair loop. Never imported by platform/.
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ def lswt_logits(
     angle_sign: float = 1.0,
     visible: Callable[[int, int], bool] | None = None,
     base: float | None = None,
+    distance: Callable[[int, int], int] | None = None,
 ) -> torch.Tensor:
     """Logits (T, V) of one sequence. Token t is rotated by angle_sign * positions[t] (default t);
-    query i sees key j where visible(i, j) (default j <= i); `base` defaults to the model's rope_base."""
+    query i sees key j where visible(i, j) (default j <= i); `base` defaults to the model's rope_base.
+    With `distance`, the score of (i, j) is q_i . rotate(k_j, -angle_sign * distance(i, j)) instead
+    (equal to the default when distance(i, j) = positions[i] - positions[j])."""
     config = model.config
     w = {k: v.detach().double() for k, v in model.state_dict().items()}
     T, H, Dh = len(ids), config.n_heads, config.head_dim
@@ -80,9 +85,13 @@ def lswt_logits(
                     scores.append(q[i][n] @ w[p + "attention.register_keys"][n, r] / math.sqrt(Dh))
                     values.append(w[p + "attention.register_values"][n, r])
                 for j in range(T):
-                    if visible(i, j):
+                    if not visible(i, j):
+                        continue
+                    if distance is None:
                         scores.append(qi @ rotate(k[j][n], angle_sign * positions[j], base) / math.sqrt(Dh))
-                        values.append(v[j][n])
+                    else:
+                        scores.append(q[i][n] @ rotate(k[j][n], -angle_sign * distance(i, j), base) / math.sqrt(Dh))
+                    values.append(v[j][n])
                 top = max(scores)
                 weights = [math.exp(s - top) for s in scores]
                 heads.append(sum(wt * vt for wt, vt in zip(weights, values)) / sum(weights))

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from lctrain.training.checkpoints import (
+    COMPLETE,
+    StorageError,
     atomic_write,
     damage,
     link_atomically,
+    mark_complete,
     remove_stale_temporaries,
     resolve_ckpt_path,
 )
@@ -29,10 +32,21 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
         tmp.write_bytes(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write(path, full_disk)
+    line = f"^no space left on device writing {path}: needs ~64.0 MiB, [0-9.]+ MiB free; free space or set checkpoint"
+    with pytest.raises(StorageError, match=line):
+        atomic_write(path, full_disk, needed_bytes=64 * 2**20)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_a_failure_that_is_not_about_storage_passes_through_and_leaves_no_temporary(tmp_path):
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("a bug in the writer")
+
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        atomic_write(tmp_path / "model.ckpt", broken, needed_bytes=4)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_damage_names_empty_truncated_and_foreign_files(tmp_path):
@@ -116,3 +130,26 @@ def test_a_kill_inside_a_save_resumes_with_auto_exactly_as_an_uninterrupted_run(
     resumed, uninterrupted = weights(killed), weights(whole)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_sharded_directory_is_complete_only_with_its_marker(tmp_path, caplog):
+    """Every rank's shard and the metadata may be there while the marker is not: a save that has not
+    finished (or whose last rank died). `auto` skips it and names it; the marker makes it whole."""
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4):
+        directory = ckpts / f"step-{step:07d}.ckpt"
+        directory.mkdir(parents=True)
+        for name in ("meta.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"):
+            (directory / name).write_bytes(b"shard")
+    mark_complete(ckpts / "step-0000002.ckpt")
+    for step in (2, 4):
+        os.utime(ckpts / f"step-{step:07d}.ckpt", (step, step))  # mtimes in step order
+    assert (ckpts / "step-0000002.ckpt" / COMPLETE).is_file() and damage(ckpts / "step-0000002.ckpt") is None
+    assert "without its completion marker .complete" in damage(ckpts / "step-0000004.ckpt")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_ckpt_path("auto", ckpts, tmp_path) == str(ckpts / "step-0000002.ckpt")
+    assert "skipping" in caplog.text and "step-0000004.ckpt" in caplog.text
+    mark_complete(ckpts / "step-0000004.ckpt")
+    assert resolve_ckpt_path("auto", ckpts, tmp_path) == str(ckpts / "step-0000004.ckpt")
+    (ckpts / "step-0000004.ckpt" / ".metadata").unlink()  # marked, but DCP's metadata is gone
+    assert "without its meta.pt or .metadata" in damage(ckpts / "step-0000004.ckpt")

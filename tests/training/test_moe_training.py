@@ -144,7 +144,7 @@ def fit_and_read_csv(ids, val_ids, run_dir, devices: int = 1, accelerator="cpu",
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # RankRows shares the rows out itself
         callbacks=[ExpertUsageMonitor(every_n_steps=1)],
-        logger=CSVLogger(save_dir=str(run_dir), version=0),
+        logger=CSVLogger(save_dir=str(run_dir)),
         log_every_n_steps=50,  # the monitor writes every step whatever this is
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -152,7 +152,7 @@ def fit_and_read_csv(ids, val_ids, run_dir, devices: int = 1, accelerator="cpu",
     )
     # float32 weights: the precision plugin makes them float64 ("64-true") or autocasts them ("bf16-mixed")
     trainer.fit(frozen_module(torch.float32), datamodule=RankRows(ids, val_ids))
-    with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
+    with open(run_dir / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 
 from benchmarks.activation_memory import estimated_activation_peak, measured_activation_peak
-from lctrain.cluster.planner import GiB, Layout, check_fits, plan_memory
+from lctrain.cluster.planner import TEMPLATE_SIGNAL_LEAD_S, GiB, Layout, check_fits, plan_memory
 from lctrain.models.registry import config_for
 from lctrain.training.cli import fit, run_entry_point
+from tests.helpers import REPO
 
 XL_ON_ONE_NODE = Layout(
     strategy="fsdp2", precision="bf16-mixed", activation_checkpointing=True, micro_batch=4, seq_len=2048,
@@ -89,3 +90,37 @@ def test_dry_run_refuses_a_layout_that_does_not_fit_with_one_error_line(capsys):
     assert "verdict: does not fit" in captured.out
     errors = captured.err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: lswt xxl needs") and "GiB per GPU" in errors[0]
+
+
+def xxl_dry_run(capsys, *extra: str) -> str:
+    args = ["--config", "configs/xxl.yaml", "--dry_run", "--cluster.nodes", "2", "--cluster.gpus_per_node", "8"]
+    assert run_entry_point(fit, [*args, *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_plan_warns_when_sigusr1_leaves_less_than_twice_a_save_before_the_time_limit(capsys, monkeypatch):
+    """XXL: 12.94B parameters x (4 bytes of fp32 weights + 8 of Adam moments) = 155 GB, 77.6 GB per node on
+    2 nodes, so ~78 s at 1 GB/s: 60 s of lead is too short, 600 s is plenty."""
+    monkeypatch.delenv("SBATCH_SIGNAL", raising=False)
+    short = xxl_dry_run(capsys, "--cluster.signal_lead_s", "60")
+    assert "checkpoint: 155.3 GB, 77.6 GB written per node: ~78 s at 1 GB/s" in short
+    warning = [line for line in short.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "SIGUSR1 comes 60 s before the time limit" in warning[0]
+    assert "--signal=SIGUSR1@160" in warning[0]  # 2 x 77.6 s, rounded up to ten seconds
+    assert "warning:" not in xxl_dry_run(capsys, "--cluster.signal_lead_s", "600")
+    assert "warning:" not in xxl_dry_run(capsys, "--cluster.signal_lead_s", "60", "--cluster.storage_gb_per_s", "4")
+    monkeypatch.setenv("SBATCH_SIGNAL", "B:USR1@30")  # sbatch's own variable for --signal, when set
+    assert "SIGUSR1 comes 30 s before" in xxl_dry_run(capsys)
+
+
+def test_a_full_state_dict_is_written_by_one_node():
+    sharded = plan("xl", dataclasses.replace(XL_ON_ONE_NODE, nodes=4))
+    full = plan("xl", dataclasses.replace(sharded.layout, state_dict="full"))
+    assert sharded.checkpoint_bytes == full.checkpoint_bytes == sharded.n_params * (4 + 2 * 4)
+    assert sharded.checkpoint_bytes_per_node == full.checkpoint_bytes_per_node / 4
+    assert full.save_seconds == pytest.approx(full.checkpoint_bytes / 1e9)
+
+
+def test_the_slurm_templates_send_sigusr1_with_the_lead_time_the_planner_assumes():
+    for template in sorted((REPO / "slurm").glob("*.sbatch")):
+        assert f"#SBATCH --signal=SIGUSR1@{TEMPLATE_SIGNAL_LEAD_S}\n" in template.read_text(), template.name

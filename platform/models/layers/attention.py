@@ -1,9 +1,12 @@
 """Causal self-attention with a KV state, over the kernels of layers/kernels.py.
 
-`CausalSelfAttention` is shared by every family with RoPE attention. Its state holds keys *before*
-rotation, so they can be re-rotated at any later length (reversed RoPE, SelfExtend). With a
-`SelfExtendConfig` it attends through SelfExtend (layers/self_extend.py) instead, with the
-same parameters, so a model trained without it runs with it. Optional: attention registers (LSWT,
+`CausalSelfAttention` is shared by every family with RoPE attention. Its state holds each key rotated
+once, at its absolute position (RoPE scores depend only on relative offsets, so reversed RoPE is the
+same with negated positions), and grows into spare capacity: a decoded token rotates and appends one
+key instead of re-rotating and re-copying the cache. Where the rotation depends on the whole call
+(SelfExtend's grouped positions, dynamic NTK scaling) the state holds the keys before rotation.
+With a `SelfExtendConfig` the layer attends through SelfExtend (layers/self_extend.py) instead, with
+the same parameters, so a model trained without it runs with it. Optional: attention registers (LSWT,
 §0/§3.1), NTK/dynamic RoPE scaling, and a per-row validity mask on the state, so a batch row can
 drop its cached past (a new stream begins) while the other rows keep theirs.
 """
@@ -17,19 +20,53 @@ from torch import Tensor, nn
 
 from ..contract import exclude_from_weight_decay
 from ..output import ModelState
-from .kernels import Backend, attention
+from .kernels import Backend, attention, causal_mask
 from .norm import RMSNorm
-from .rope import RotaryScaling, query_key_positions, rotate
+from .rope import RotaryScaling, apply_rotary, query_key_positions, rotate, rotation_at
 from .self_extend import SelfExtendConfig, self_extend_attention
+
+FUSED_REGISTER_DEVICES = ("cpu",)  # where SDPA's fused kernel gives its lse (the flash CPU kernel)
+
+
+class _Tail:
+    """Which state may append in place to a key/value buffer: the one whose keys end where the buffer's
+    filled part ends. Shared by the states that view one buffer; never saved (a fresh buffer follows)."""
+
+    __slots__ = ("keys", "values", "end")
+
+    def __init__(self, keys: Tensor, values: Tensor, end: int):
+        self.keys, self.values, self.end = keys.untyped_storage().data_ptr(), values.untyped_storage().data_ptr(), end
+
+
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """(capacity, start) of t (B, Hkv, M, Dh) as the slice [start, start + M) of a contiguous buffer
+    (B, Hkv, capacity, Dh); None for any other layout."""
+    B, Hkv, M, Dh = t.shape
+    s0, s1, s2, s3 = t.stride()
+    if s3 != 1 or s2 != Dh or s1 % Dh or s0 != Hkv * s1 or t.storage_offset() >= s1 or t.storage_offset() % Dh:
+        return None
+    capacity, start = s1 // Dh, t.storage_offset() // Dh
+    if t.untyped_storage().nbytes() < B * s0 * t.element_size():
+        return None
+    return capacity, start
 
 
 @dataclasses.dataclass(frozen=True)
 class KVState(ModelState):
-    """Keys and values of every token seen so far by one attention layer."""
+    """Keys and values of every token seen so far by one attention layer.
 
-    keys: Tensor  # (B, Hkv, M, Dh), not rotated
+    `keys` are rotated at their absolute positions when `rotary_base` is set (negated positions when
+    `rotary_sign` is -1: reversed RoPE), and not rotated when it is None. Both tensors may be views into
+    a larger buffer: `extend` then writes the next tokens after them in place, unless another state has
+    already done so (the state stays immutable: it only ever sees its own M positions).
+    """
+
+    keys: Tensor  # (B, Hkv, M, Dh), rotated as rotary_base/rotary_sign say
     values: Tensor  # (B, Hkv, M, Dh)
     valid: Tensor | None = None  # (B, M) bool, False where `reset_rows` dropped a row's past; None: all valid
+    rotary_base: float | None = None  # the RoPE base the keys were rotated with; None: not rotated
+    rotary_sign: int = 1  # -1: rotated by negated positions (reversed RoPE); 1 when not rotated
+    tail: _Tail | None = dataclasses.field(default=None, compare=False, repr=False, metadata={"transient": True})
 
     @property
     def length(self) -> int:
@@ -43,12 +80,63 @@ class KVState(ModelState):
         valid = None if self.valid is None else self.valid[:, start:]
         if valid is not None and bool(valid.all()):  # a host sync, but only while a reset is still cached
             valid = None
-        return KVState(self.keys[:, :, start:], self.values[:, :, start:], valid)
+        return dataclasses.replace(self, keys=self.keys[:, :, start:], values=self.values[:, :, start:], valid=valid)
 
     def reset_rows(self, rows: Tensor) -> KVState:
         """Hide every cached position of the rows where `rows` (B,) is True: they continue as if fresh."""
         valid = self.valid if self.valid is not None else torch.ones_like(self.keys[:, 0, :, 0], dtype=torch.bool)
-        return KVState(self.keys, self.values, valid & ~rows.to(valid.device)[:, None])  # valid (B, M)
+        return dataclasses.replace(self, valid=valid & ~rows.to(valid.device)[:, None])  # valid (B, M)
+
+    def shifted(self, n: int) -> KVState:
+        """The same keys n positions later (rotated keys turn by n more; un-rotated ones do not change):
+        what left-padding a row by n positions asks of it."""
+        if self.rotary_base is None or n == 0:
+            return self
+        by = torch.full((1,), self.rotary_sign * n, device=self.keys.device)
+        return dataclasses.replace(self, keys=rotate(self.keys, by, self.rotary_base), tail=None)
+
+    def extend(self, keys: Tensor, values: Tensor) -> KVState:
+        """The state with T more tokens, keys and values (B, Hkv, T, Dh) in this state's rotation.
+
+        Without autograd, writes them in place after this state's positions when its buffer has room and
+        no other state has written there; otherwise copies into a new buffer, with doubled capacity
+        while few tokens come at a time (decoding), so a token costs O(1) copies on average. Under
+        autograd or compilation it concatenates, as training (and Transformer-XL) expects."""
+        B, M, T = keys.shape[0], self.length, keys.shape[2]
+        valid = None if self.valid is None else torch.cat([self.valid, self.valid.new_ones(B, T)], dim=1)  # (B, M+T)
+        plain = (
+            torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad or self.keys.requires_grad)
+        ) or torch.compiler.is_compiling()
+        if plain or T >= M:
+            k_all = torch.cat([self.keys, keys], dim=2)  # (B, Hkv, M + T, Dh)
+            v_all = torch.cat([self.values, values], dim=2)
+            return dataclasses.replace(self, keys=k_all, values=v_all, valid=valid, tail=None)
+        span, tail = _span(self.keys), self.tail
+        if (
+            span is not None
+            and _span(self.values) == span
+            and tail is not None
+            and tail.keys == self.keys.untyped_storage().data_ptr()
+            and tail.values == self.values.untyped_storage().data_ptr()
+            and tail.end == span[1] + M
+            and span[0] - tail.end >= T
+            and (torch.is_inference_mode_enabled() or not self.keys.is_inference())
+        ):
+            start = span[1]
+            k_all = self.keys.as_strided((*keys.shape[:2], M + T, keys.shape[3]), self.keys.stride())
+            v_all = self.values.as_strided((*values.shape[:2], M + T, values.shape[3]), self.values.stride())
+            k_all[:, :, M:].copy_(keys)
+            v_all[:, :, M:].copy_(values)
+            tail.end = start + M + T
+            return dataclasses.replace(self, keys=k_all, values=v_all, valid=valid)
+        capacity = 2 * (M + T)
+        k_buf = keys.new_empty(B, keys.shape[1], capacity, keys.shape[3])  # (B, Hkv, capacity, Dh)
+        v_buf = values.new_empty(B, values.shape[1], capacity, values.shape[3])
+        k_all, v_all = k_buf[:, :, : M + T], v_buf[:, :, : M + T]
+        for buffer, old, new in ((k_all, self.keys, keys), (v_all, self.values, values)):
+            buffer[:, :, :M].copy_(old)
+            buffer[:, :, M:].copy_(new)
+        return dataclasses.replace(self, keys=k_all, values=v_all, valid=valid, tail=_Tail(k_buf, v_buf, M + T))
 
 
 class CausalSelfAttention(nn.Module):
@@ -88,8 +176,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pick n_heads from its divisors")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
-        if self_extend is not None and (n_registers or rope_scaling is not None):
-            raise ValueError("SelfExtend attention supports neither registers nor RoPE scaling; turn one of them off")
+        if self_extend is not None and rope_scaling is not None:
+            raise ValueError("SelfExtend attention does not support RoPE scaling; turn one of them off")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.rope_base, self.rope_reversed, self.backend = rope_base, rope_reversed, backend
         self.self_extend, self.n_registers, self.rope_scaling = self_extend, n_registers, rope_scaling
@@ -117,61 +205,98 @@ class CausalSelfAttention(nn.Module):
             nn.init.normal_(self.register_keys, std=self.head_dim**-0.5)
             nn.init.normal_(self.register_values, std=self.head_dim**-0.5)
 
-    def forward(self, x: Tensor, state: KVState | None = None, offset: int = 0) -> tuple[Tensor, KVState]:
-        """x (B, T, D); `offset` is the absolute position of x's first token. Returns the output and
-        the state extended by these T tokens (untrimmed: trimming is the caller's policy)."""
+    def forward(
+        self, x: Tensor, state: KVState | None = None, offset: int = 0, stream_start: Tensor | None = None
+    ) -> tuple[Tensor, KVState]:
+        """x (B, T, D); `offset` is the absolute position of x's first token; `stream_start` (B,), where
+        each row began (SelfExtend groups positions from there; None: rows with a hidden past begin after
+        it, the others at 0). Returns the output and the state extended by these T tokens (untrimmed:
+        trimming is the caller's policy)."""
         B, T, _ = x.shape
         q = self.query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        n_cached, valid = 0, None
-        if state is not None:
-            n_cached = state.length
-            k = torch.cat([state.keys, k], dim=2)  # (B, Hkv, S, Dh), S = M + T
-            v = torch.cat([state.values, v], dim=2)
-            if state.valid is not None:
-                valid = torch.cat([state.valid, state.valid.new_ones(B, T)], dim=1)  # (B, S)
-        new_state = KVState(k, v, valid)
+        n_cached = 0 if state is None else state.length
 
-        if self.self_extend is None:
-            y = self._rope_attention(q, k, v, n_cached, offset, valid)  # (B, H, T, Dh)
+        if self._rotates_once:
+            base = self.rope_base
+            if self.rope_scaling is not None:  # static NTK scaling: one base for every call
+                base = self.rope_scaling.base_and_temperature(self.rope_base, self.head_dim, 0)[0]
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            reversed = self.rope_reversed
+            cos, sin = rotation_at(offset, T, self.head_dim, base, reversed=reversed, dtype=dtype, device=q.device)
+            q_rot, k_rot = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # each token rotated once
+            new_state = self._extend(state, k_rot, v, offset, base)
+            y = self._attend(q_rot, new_state.keys, new_state.values, q, new_state.valid)  # (B, H, T, Dh)
         else:
-            y = self._self_extend_attention(q, k, v, key_offset=offset - n_cached, valid=valid)  # (B, H, T, Dh)
+            new_state = self._extend(state, k, v, offset, None)
+            k, v, valid = new_state.keys, new_state.values, new_state.valid  # (B, Hkv, S, Dh), S = M + T
+            if self.self_extend is None:
+                y = self._rope_attention(q, k, v, n_cached, offset, valid)  # (B, H, T, Dh)
+            else:
+                y = self._self_extend_attention(q, k, v, offset - n_cached, valid, stream_start)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Dh)
         return self.out(y), new_state
 
+    @property
+    def _rotates_once(self) -> bool:
+        """Whether each key's rotation is fixed once it is computed: not under SelfExtend (grouped positions
+        depend on the query) or dynamic scaling (the base depends on the call's length)."""
+        return self.self_extend is None and (self.rope_scaling is None or self.rope_scaling.dynamic_positions is None)
+
+    def _extend(self, state: KVState | None, k: Tensor, v: Tensor, offset: int, base: float | None) -> KVState:
+        """The state after this call's keys k (rotated with `base`, or not rotated for None) and values v,
+        converting a cached state that holds its keys in the other form (an older checkpoint, a switched
+        mode) once."""
+        sign = -1 if self.rope_reversed and base is not None else 1  # the rotation's sign (1: none)
+        if state is None:
+            return KVState(k, v, None, base, sign)
+        if (state.rotary_base, state.rotary_sign) != (base, sign):
+            positions = torch.arange(offset - state.length, offset, device=k.device)  # (M,): the cached keys'
+            keys = state.keys
+            if state.rotary_base is not None:  # undo the rotation it holds
+                keys = rotate(keys, -state.rotary_sign * positions, state.rotary_base)
+            if base is not None:
+                keys = rotate(keys, sign * positions, base)
+            state = KVState(keys, state.values, state.valid, base, sign)
+        return state.extend(k, v)
+
+    def _attend(
+        self, q_rot: Tensor, k_rot: Tensor, v: Tensor, q: Tensor, valid: Tensor | None, temperature: float = 1.0
+    ) -> Tensor:
+        """Attention of rotated queries (B, H, T, Dh) over rotated keys (B, Hkv, S, Dh), plus the registers,
+        which the un-rotated queries q score. On CPU the tokens keep SDPA's fused kernel: the registers are
+        a small (T, R) score block merged with them by log-sum-exp, the same softmax as one over both."""
+        if not self.n_registers:
+            return attention(q_rot, k_rot, v, causal=True, backend=self.backend, key_mask=valid)
+        reg_k, reg_v = self.register_keys, self.register_values
+        if temperature != 1.0:
+            reg_k = reg_k * temperature
+        if q.shape[2] == 1:
+            return _one_query_with_registers(q_rot, k_rot, v, q, reg_k, reg_v, valid)
+        if q.device.type in FUSED_REGISTER_DEVICES:
+            return _cpu_attention_with_registers(q_rot, k_rot, v, q, reg_k, reg_v, valid)
+        return _widened_query_attention(q_rot, k_rot, v, q, reg_k, reg_v, valid, self.backend)
+
     def _rope_attention(self, q: Tensor, k: Tensor, v: Tensor, n_cached: int, offset: int, valid: Tensor | None):
-        """RoPE attention of un-rotated q (B, H, T, Dh) over k, v (B, Hkv, S, Dh), plus the registers."""
-        T, S = q.shape[2], k.shape[2]
+        """RoPE attention of un-rotated q (B, H, T, Dh) over un-rotated k, v (B, Hkv, S, Dh), plus the
+        registers, rotating every key at this call (dynamic scaling: the base depends on S)."""
+        S = k.shape[2]
         base, temperature = self.rope_base, 1.0
         if self.rope_scaling is not None:
             base, temperature = self.rope_scaling.base_and_temperature(self.rope_base, self.head_dim, S)
             if temperature != 1.0:
                 q, k = q * temperature, k * temperature
-        q_pos, k_pos = query_key_positions(n_cached, T, offset, reversed=self.rope_reversed, device=q.device)
-        q_rot, k_rot = rotate(q, q_pos, base), rotate(k, k_pos, base)
-        if not self.n_registers:
-            return attention(q_rot, k_rot, v, causal=True, backend=self.backend, key_mask=valid)
-        # One softmax over [registers ‖ keys] where register scores use the un-rotated query: stack the
-        # two query forms along the head dim and zero the half each kind of key does not use.
-        B, R = q.shape[0], self.n_registers
-        reg_k = (self.register_keys * temperature).to(k.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, Dh)
-        reg_v = self.register_values.to(v.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, Dh)
-        q2 = torch.cat([q_rot, q], dim=-1)  # (B, H, T, 2Dh)
-        k2 = torch.cat(
-            [torch.cat([torch.zeros_like(reg_k), reg_k], dim=-1), torch.cat([k_rot, torch.zeros_like(k_rot)], dim=-1)],
-            dim=2,
-        )  # (B, Hkv, R + S, 2Dh)
-        v2 = torch.cat([reg_v, v], dim=2)  # (B, Hkv, R + S, Dh)
-        if valid is not None:
-            valid = torch.cat([valid.new_ones(B, R), valid], dim=1)  # (B, R + S)
-        return attention(q2, k2, v2, causal=True, backend=self.backend, key_mask=valid, scale=self.head_dim**-0.5)
+        q_pos, k_pos = query_key_positions(n_cached, q.shape[2], offset, reversed=self.rope_reversed, device=q.device)
+        return self._attend(rotate(q, q_pos, base), rotate(k, k_pos, base), v, q, valid, temperature)
 
-    def _self_extend_attention(self, q: Tensor, k: Tensor, v: Tensor, key_offset: int, valid: Tensor | None) -> Tensor:
-        """SelfExtend over un-rotated q (B, H, T, Dh) and the whole key sequence k, v (B, Hkv, S, Dh); a
-        reset row's hidden past is left padding to it (positions then count from the row's restart)."""
+    def _self_extend_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, key_offset: int, valid: Tensor | None, stream_start: Tensor | None
+    ) -> Tensor:
+        """SelfExtend over un-rotated q (B, H, T, Dh), the whole key sequence k, v (B, Hkv, S, Dh) and the
+        registers; a reset row's hidden past is left padding to it (positions count from the row's restart)."""
         config = self.self_extend
         return self_extend_attention(
             q,
@@ -183,8 +308,127 @@ class CausalSelfAttention(nn.Module):
             reversed=self.rope_reversed,
             key_offset=key_offset,
             key_padding_mask=valid,
+            stream_start=stream_start,
+            register_keys=getattr(self, "register_keys", None),
+            register_values=getattr(self, "register_values", None),
             pretrained_len=config.pretrained_len,
             implementation=config.implementation,
             block_size=config.block_size,
             backend=self.backend,
         )
+
+
+def _widened_query_attention(
+    q_rot: Tensor, k: Tensor, v: Tensor, q: Tensor, reg_k: Tensor, reg_v: Tensor, valid: Tensor | None, backend
+) -> Tensor:
+    """Off CPU: one softmax over [registers ‖ keys] through the shared kernel, the two query forms stacked
+    along the head dim and the half each kind of key does not use zeroed. Exact, and fused on CUDA
+    (flash-attn pads the values to the widened head), at twice the head width for the scores."""
+    B, R = q.shape[0], reg_k.shape[1]
+    reg_k = reg_k.to(k.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, Dh)
+    reg_v = reg_v.to(v.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, Dh)
+    q2 = torch.cat([q_rot, q], dim=-1)  # (B, H, T, 2Dh)
+    k2 = torch.cat(
+        [torch.cat([torch.zeros_like(reg_k), reg_k], dim=-1), torch.cat([k, torch.zeros_like(k)], dim=-1)], dim=2
+    )  # (B, Hkv, R + S, 2Dh)
+    v2 = torch.cat([reg_v, v], dim=2)  # (B, Hkv, R + S, Dh)
+    if valid is not None:
+        valid = torch.cat([valid.new_ones(B, R), valid], dim=1)  # (B, R + S)
+    return attention(q2, k2, v2, causal=True, backend=backend, key_mask=valid, scale=q.shape[-1] ** -0.5)
+
+
+def _one_query_with_registers(
+    q_rot: Tensor, k: Tensor, v: Tensor, q: Tensor, reg_k: Tensor, reg_v: Tensor, valid: Tensor | None
+) -> Tensor:
+    """One query per row (decoding): q_rot, q (B, H, 1, Dh) over k, v (B, Hkv, S, Dh) and the registers
+    (Hkv, R, Dh). The scores over [registers ‖ tokens] are one short row per head, so one plain softmax
+    costs less than a kernel call and a merge."""
+    B, H, _, Dh = q.shape
+    Hkv, R = k.shape[1], reg_k.shape[1]
+    grouped = (B, Hkv, H // Hkv, Dh)  # the query heads of each kv head
+    scores = torch.cat(
+        [q.reshape(grouped) @ reg_k.to(q.dtype).transpose(-1, -2), q_rot.reshape(grouped) @ k.transpose(-1, -2)],
+        dim=-1,
+    )  # (B, Hkv, H/Hkv, R + S)
+    if valid is not None:
+        scores[..., R:] = scores[..., R:].masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = (scores.to(torch.promote_types(q.dtype, torch.float32)) * Dh**-0.5).softmax(dim=-1).to(q.dtype)
+    y = probs[..., :R] @ reg_v.to(q.dtype) + probs[..., R:] @ v  # (B, Hkv, H/Hkv, Dh)
+    return y.reshape(B, H, 1, Dh)
+
+
+def _tokens_and_registers(q_rot, k, v, q, reg_k, reg_v, mask, is_causal):
+    """The joint softmax of the tokens (the fused kernel, with its lse) and the registers (scored here):
+    the output (B, H, T, Dh), the joint lse (B, H, T) and the registers' probabilities (B, H, T, R)."""
+    scale = q.shape[-1] ** -0.5
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_rot, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+    )  # (B, H, T, Dh), (B, H, T)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = q.to(compute) @ (reg_k.to(compute).transpose(-1, -2) * scale)  # (B, H, T, R)
+    total = torch.logaddexp(lse.to(compute), scores.logsumexp(dim=-1))  # (B, H, T): the joint lse
+    p_reg = (scores - total.unsqueeze(-1)).exp()  # (B, H, T, R): the registers' joint probabilities
+    y = torch.addcmul(p_reg @ reg_v.to(compute), (lse.to(compute) - total).exp().unsqueeze(-1), out.to(compute))
+    return y.to(q.dtype), total.to(lse.dtype), p_reg
+
+
+class _RegisterAttention(torch.autograd.Function):
+    """Softmax attention over [registers ‖ tokens] on CPU, with the tokens through the fused flash kernel.
+
+    Forward: the kernel gives the token output and its log-sum-exp; the register scores (T, R) join
+    them by log-sum-exp. Backward: the kernel's backward, given the merged output and the merged lse,
+    recomputes the token probabilities of the joint softmax, which is exactly the tokens' share of the
+    joint gradient; the registers' share is the same formula over their small score block.
+    """
+
+    @staticmethod
+    def forward(ctx, q_rot, k, v, q, reg_k, reg_v, mask, is_causal):
+        # q_rot, q (B, H, T, Dh); k, v (B, H, S, Dh); reg_k, reg_v (H, R, Dh); mask additive or None
+        y, total, p_reg = _tokens_and_registers(q_rot, k, v, q, reg_k, reg_v, mask, is_causal)
+        ctx.save_for_backward(q_rot, k, v, q, reg_k, reg_v, mask, y, total, p_reg)
+        ctx.is_causal = is_causal
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q_rot, k, v, q, reg_k, reg_v, mask, y, total, p_reg = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        dq_rot, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dy.contiguous(), q_rot, k, v, y, total, 0.0, ctx.is_causal, attn_mask=mask, scale=scale
+        )
+        compute = p_reg.dtype
+        dy_c = dy.to(compute)
+        D = (dy_c * y.to(compute)).sum(-1, keepdim=True)  # (B, H, T, 1): the softmax's row term
+        d_scores = p_reg * (dy_c @ reg_v.to(compute).transpose(-1, -2) - D)  # (B, H, T, R)
+        dq = (d_scores @ reg_k.to(compute)) * scale  # (B, H, T, Dh)
+        d_reg_k = (d_scores.transpose(-1, -2) @ q.to(compute)).sum(0) * scale  # (H, R, Dh)
+        d_reg_v = (p_reg.transpose(-1, -2) @ dy_c).sum(0)  # (H, R, Dh)
+        return dq_rot, dk, dv, dq.to(q.dtype), d_reg_k.to(reg_k.dtype), d_reg_v.to(reg_v.dtype), None, None
+
+
+def _cpu_attention_with_registers(
+    q_rot: Tensor, k: Tensor, v: Tensor, q: Tensor, reg_k: Tensor, reg_v: Tensor, valid: Tensor | None
+) -> Tensor:
+    """q_rot, q (B, H, T, Dh) over k, v (B, Hkv, S, Dh) (the last T keys are the queries', causal) and the
+    registers reg_k, reg_v (Hkv, R, Dh) -> (B, H, T, Dh)."""
+    H, Hkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if Hkv != H:  # one key/value head per query head
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
+        reg_k, reg_v = reg_k.repeat_interleave(H // Hkv, dim=0), reg_v.repeat_interleave(H // Hkv, dim=0)  # (H, R, Dh)
+    reg_k, reg_v = reg_k.to(q.dtype), reg_v.to(q.dtype)
+    visible, is_causal = None, False
+    if valid is not None:
+        visible = valid[:, None, None, :]  # (B, 1, 1, S)
+        if T > 1:
+            visible = visible & causal_mask(T, S, q.device)  # (B, 1, T, S)
+    elif T > 1 and T == S:
+        is_causal = True
+    elif T > 1:
+        visible = causal_mask(T, S, q.device)  # (T, S): bottom-right, after a cache
+    mask = None
+    if visible is not None:  # the kernel takes an additive mask in the query's dtype
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    inputs = (q_rot, k, v, q, reg_k, reg_v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _RegisterAttention.apply(*inputs, mask, is_causal)
+    return _tokens_and_registers(*inputs, mask, is_causal)[0]  # decoding: no autograd bookkeeping

@@ -22,9 +22,15 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "sdpa", "flash"]
 
 
-@functools.cache
 def log_once(message: str) -> None:
-    """Log a kernel choice once per process, and only on rank zero when distributed."""
+    """Log a kernel choice once per process, and only on rank zero when distributed. Skipped while
+    torch.compile traces: a logging call would split the compiled graph, and the eager call logs it."""
+    if not torch.compiler.is_compiling():
+        _log_once(message)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
     if (
         not torch.distributed.is_available()
         or not torch.distributed.is_initialized()

@@ -12,6 +12,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import exclude_from_weight_decay
@@ -46,7 +47,11 @@ def router_entropy_loss(probs_TE: Tensor) -> Tensor:
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, where activation checkpointing recomputes forwards
-    (torch's own FSDP2 and ModuleTracker tell the backward pass apart the same way)."""
+    (torch's own FSDP2 and ModuleTracker tell the backward pass apart the same way). Always False in a
+    graph torch.compile traces: its recomputation lives in the compiled backward, which does not replay the
+    forward's counter update."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -121,8 +126,11 @@ class MoE(nn.Module):
         """x (..., D) -> y (..., D), {"moe_balance": scalar, "router_entropy": scalar}."""
         x_TD = x.reshape(-1, x.shape[-1])  # (T, D): batch and time flattened
         routing = self.route(x_TD)
-        counts_E = torch.bincount(routing.experts_TK.flatten(), minlength=self.n_experts)
-        y_TD = self._run_experts(x_TD, routing, counts_E)
+        counts_E = F.one_hot(routing.experts_TK.flatten(), self.n_experts).sum(dim=0)  # (E,): a fixed shape
+        if torch.compiler.is_compiling():  # group sizes depend on the routing, which a compiled graph cannot
+            y_TD = self._run_every_expert(x_TD, routing)
+        else:
+            y_TD = self._run_experts(x_TD, routing, counts_E)
         if self.training and not _in_backward():
             with torch.no_grad():
                 self.tokens_per_expert += counts_E
@@ -148,6 +156,16 @@ class MoE(nn.Module):
         # accumulate in the experts' dtype (under autocast it can differ from x's), return in x's
         y_TD = out_ND.new_zeros(x_TD.shape).index_add(0, token_N, weighted_ND)  # (T, D)
         return y_TD.to(x_TD.dtype)
+
+    def _run_every_expert(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        """The same sum as `_run_experts` with shapes that do not depend on the routing (for torch.compile):
+        every expert runs on every token and a token's unrouted experts weigh 0, at n_experts / top_k times
+        the experts' arithmetic."""
+        weights_TE = torch.zeros_like(routing.probs_TE).scatter(1, routing.experts_TK, routing.weights_TK)  # (T, E)
+        activation = ACTIVATIONS[self.activation]
+        h_ETR = activation(torch.einsum("td,edr->etr", x_TD, self.down_weight) + self.down_bias[:, None])
+        out_ETD = torch.einsum("etr,erd->etd", h_ETR, self.up_weight) + self.up_bias[:, None]  # (E, T, D)
+        return torch.einsum("etd,te->td", out_ETD, weights_TE.to(out_ETD.dtype)).to(x_TD.dtype)
 
     def extra_repr(self) -> str:
         d_model, rank = self.down_weight.shape[1:]

@@ -3,14 +3,18 @@
 Standard RoPE rotates a token at absolute position p by angle p * w_i. Reversed RoPE (LSWT,
 docs/architectures.md) counts positions back from the newest token of the call, which sits at 0:
 the scores then depend on the negated relative offset, i.e. reversed RoPE is standard RoPE with
-negated angles. Frequencies are computed on the fly from the positions (no buffers), so a model
-built on the meta device needs nothing re-initialised here. `RotaryScaling` is LSWT's NTK-aware and
+negated angles. Scores depend only on the relative offset (R(a)q · R(b)k = q · R(b - a)k), so both
+variants rotate every token once, at its absolute position (negated for reversed RoPE): a key keeps
+its rotation however many tokens follow, and a KV state can hold rotated keys. Angles are computed
+in fp64 from the positions, so large absolute positions lose no precision, and on the fly (no
+buffers), so a model built on the meta device needs nothing re-initialised here. `RotaryScaling` is LSWT's NTK-aware and
 dynamic scaling (§3.1): a larger base for the call, and a temperature on queries and keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -51,29 +55,54 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def rotate(x: Tensor, positions: Tensor, base: float) -> Tensor:
     """RoPE at `positions` applied to x (B, H, T, Dh): positions (T,) are shared by the batch, (B, T) are
     per row. Angles are fp32, or fp64 for an fp64 x (so float64 checks are not limited by the angles)."""
-    cos, sin = rotary_angles(positions, x.shape[-1], base, dtype=torch.promote_types(x.dtype, torch.float32))
+    cos, sin = rotation(positions, x.shape[-1], base, torch.promote_types(x.dtype, torch.float32))
     if positions.ndim == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, Dh): shared by the heads
     return apply_rotary(x, cos, sin)
 
 
+def rotation(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (positions.shape + (head_dim,)) in `dtype`, from angles computed in fp64 (fp32 on MPS,
+    which has no fp64): at absolute position 10^6 fp32 angles would be off by up to 0.06 rad."""
+    exact = torch.float32 if positions.device.type == "mps" else torch.float64
+    cos, sin = rotary_angles(positions, head_dim, base, dtype=exact)
+    return cos.to(dtype), sin.to(dtype)
+
+
+def rotation_at(start: int, n: int, head_dim: int, base: float, *, reversed: bool, dtype: torch.dtype, device=None):
+    """cos and sin (n, head_dim) of the tokens at absolute positions start ... start + n - 1 (`rotation` of
+    `rotation_positions`). Every layer of a model asks for the same ones in a call, so the last few are
+    kept (never while compiling, and apart for inference mode, whose tensors autograd may not save)."""
+    if torch.compiler.is_compiling():
+        return rotation(rotation_positions(start, n, reversed=reversed, device=device), head_dim, base, dtype)
+    key = (start, n, head_dim, base, reversed, dtype, torch.device(device or "cpu"), torch.is_inference_mode_enabled())
+    return _rotation_memo(*key)
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_memo(start, n, head_dim, base, reversed, dtype, device, inference) -> tuple[Tensor, Tensor]:
+    return rotation(rotation_positions(start, n, reversed=reversed, device=device), head_dim, base, dtype)
+
+
+def rotation_positions(start: int, n: int, *, reversed: bool, device=None) -> Tensor:
+    """The rotation positions of n tokens at absolute positions start ... start + n - 1: the positions
+    themselves, negated for reversed RoPE (standard RoPE with negated angles)."""
+    positions = torch.arange(start, start + n, device=device)
+    return -positions if reversed else positions
+
+
 def query_key_positions(
     n_cached: int, n_new: int, offset: int, *, reversed: bool, device=None
 ) -> tuple[Tensor, Tensor]:
-    """Positions of the n_new queries and the n_cached + n_new keys of one attention call.
+    """Rotation positions of the n_new queries and the n_cached + n_new keys of one attention call.
 
-    `offset` is the absolute position of the first new token (the state's position). Standard:
-    queries at offset + i, keys at offset - n_cached + j. Reversed: the newest token is 0, so
-    queries sit at n_new - 1 - i and keys at n_cached + n_new - 1 - j; only relative offsets
-    matter, so `offset` is not used.
+    `offset` is the absolute position of the first new token (the state's position): queries at
+    offset + i, keys at offset - n_cached + j, both negated for reversed RoPE. Reversed RoPE counts
+    back from the newest token (at 0: n_new - 1 - i and n_cached + n_new - 1 - j); these positions
+    differ from those by one constant, which the scores do not see.
     """
-    n_keys = n_cached + n_new
-    if reversed:
-        q = torch.arange(n_new - 1, -1, -1, device=device)
-        k = torch.arange(n_keys - 1, -1, -1, device=device)
-    else:
-        q = torch.arange(offset, offset + n_new, device=device)
-        k = torch.arange(offset - n_cached, offset + n_new, device=device)
+    q = rotation_positions(offset, n_new, reversed=reversed, device=device)
+    k = rotation_positions(offset - n_cached, n_cached + n_new, reversed=reversed, device=device)
     return q, k
 
 

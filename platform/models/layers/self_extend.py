@@ -5,6 +5,7 @@ query ⌊i/G⌋ + W - ⌊W/G⌋ and key ⌊j/G⌋, so distances grow G times slo
 the trained range. Scores of the two kinds are merged before one softmax. This is the official
 algorithm (docs/architectures.md, integer ⌊W/G⌋), with two implementations that agree: the
 replacement merge (the reference, (T, S) scores) and the two-pass merge (memory linear in length).
+Attention registers (LSWT) have no position: they join the same softmax with the un-rotated query.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def self_extend_attention(
     causal: bool = True,
     key_offset: int = 0,
     key_padding_mask: Tensor | None = None,
+    stream_start: Tensor | None = None,
+    register_keys: Tensor | None = None,
+    register_values: Tensor | None = None,
     pretrained_len: int | None = None,
     implementation: Implementation = "two_pass",
     block_size: int = 256,
@@ -130,27 +134,40 @@ def self_extend_attention(
 
     The T queries are the last T of the S keys (bottom-right alignment: the earlier keys are a cache).
     `key_offset` is the absolute position of key 0 (keys before it were trimmed away); grouping uses
-    absolute positions, so a call after a cache computes what one long call would. `reversed` applies
-    reversed RoPE (standard RoPE with negated angles) to the same merged distances. Padding is a
-    `key_padding_mask` (B, S), True for real tokens and left padding only: each row's positions count
-    from its first real token, and a query that sees no real key outputs zeros. Scale 1/sqrt(Dh).
+    each row's positions counted from its own start, so a call after a cache computes what one long
+    call would. `reversed` applies reversed RoPE (standard RoPE with negated angles) to the same merged
+    distances. Scale 1/sqrt(Dh).
 
-    While every key lies inside the window (S <= W, no padding), no distance is regrouped and the call
-    is plain RoPE attention through the shared kernel, bit for bit. Otherwise `implementation` decides:
-    "two_pass" (banded_attention, flash-attn or blockwise by `backend`) or "replacement".
+    Rows that start later (padding, or a new stream in a reused cache): `key_padding_mask` (B, S) is True
+    for the keys a row sees and hides only a prefix of them (left padding); a query that sees no key
+    outputs zeros. `stream_start` (B,) is the absolute position where each row began, so its positions
+    count from there; without it, a row with hidden keys begins at its first visible key and the others
+    at 0. Pass it when a row's hidden keys may have been trimmed away: the mask no longer shows its start.
+
+    `register_keys` and `register_values` (Hkv, R, Dh) are position-free keys every query sees, scored
+    against the un-rotated query, in the same softmax as the tokens (attention registers, LSWT).
+
+    While every key lies inside the window (S <= W, no padding, no registers), no distance is regrouped
+    and the call is plain RoPE attention through the shared kernel, bit for bit. Otherwise
+    `implementation` decides: "two_pass" (banded_attention, flash-attn or blockwise by `backend`, plus a
+    small dense pass over the registers) or "replacement".
     """
     _check_inputs(q, k, v, group_size, window_size, implementation, key_padding_mask)
+    _check_starts_and_registers(k, stream_start, register_keys, register_values)
     T, S = q.shape[2], k.shape[2]
     if pretrained_len is not None:
         _warn_beyond_extension(key_offset + S, pretrained_len, group_size, window_size)
     # Neighbour rotations use exactly the plain layer's positions (reversed: the newest key at 0).
     q_pos, k_pos = query_key_positions(S - T, T, key_offset + S - T, reversed=reversed, device=q.device)
-    if window_size >= S and key_padding_mask is None:
+    if window_size >= S and key_padding_mask is None and register_keys is None:
         return attention(rotate(q, q_pos, rope_base), rotate(k, k_pos, rope_base), v, causal=causal, backend=backend)
 
     positions = key_offset + torch.arange(S, device=q.device).unsqueeze(0)  # (1, S): absolute positions
-    if key_padding_mask is not None:
-        positions = positions - (~key_padding_mask).sum(-1, keepdim=True)  # (B, S): counted from the first token
+    if stream_start is None and key_padding_mask is not None:
+        hidden = (~key_padding_mask).sum(-1)  # (B,): the hidden prefix ends where the row begins
+        stream_start = torch.where(hidden > 0, key_offset + hidden, 0)
+    if stream_start is not None:
+        positions = positions - stream_start.to(q.device).unsqueeze(-1)  # (B, S): counted from each row's start
     sign = -1 if reversed else 1  # reversed RoPE rotates by negated positions
     G, W = group_size, window_size
     # (query rotation positions, key rotation positions, band of key - query offsets it covers)
@@ -161,32 +178,62 @@ def self_extend_attention(
         passes.append((sign * grouped_key_positions(qa, G), sign * grouped_query_positions(ka, G, W), W, None))
     rotated = [(rotate(q, qp, rope_base), rotate(k, kp, rope_base), lo, hi) for qp, kp, lo, hi in passes]
 
+    registers = None if register_keys is None else (register_keys, register_values)
     if implementation == "replacement":
-        return _replacement_merge(rotated, v, key_padding_mask)
+        return _replacement_merge(rotated, v, key_padding_mask, q, registers)
     outputs = [
         banded_attention(qr, kr, v, lo=lo, hi=hi, key_mask=key_padding_mask, block_size=block_size, backend=backend)
         for qr, kr, lo, hi in rotated
     ]
+    if registers is not None:
+        outputs.append(_register_pass(q, *registers))
     return merge_by_lse(outputs)
 
 
+def _register_scores(q: Tensor, keys: Tensor) -> Tensor:
+    """Un-rotated q (B, H, T, Dh) against register keys (Hkv, R, Dh) -> (B, Hkv, H/Hkv, T, R), in fp32 or wider."""
+    Hkv, Dh = keys.shape[0], q.shape[-1]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q = q.unflatten(1, (Hkv, q.shape[1] // Hkv)).to(compute)  # (B, Hkv, H/Hkv, T, Dh)
+    return q @ keys.to(compute).unsqueeze(1).transpose(-1, -2) * Dh**-0.5  # (Hkv, 1, Dh, R) broadcasts
+
+
+def _register_pass(q: Tensor, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The registers as one more pass of the merge: output (B, H, T, Dh) and lse (B, H, T). R is small, so
+    the (T, R) scores cost what one extra key block does."""
+    scores = _register_scores(q, keys)  # (B, Hkv, H/Hkv, T, R)
+    out = scores.softmax(dim=-1) @ values.to(scores.dtype).unsqueeze(1)  # (B, Hkv, H/Hkv, T, Dh)
+    return out.flatten(1, 2).to(q.dtype), scores.logsumexp(dim=-1).flatten(1, 2)
+
+
 def _replacement_merge(
-    rotated: list[tuple[Tensor, Tensor, int | None, int | None]], v: Tensor, key_mask: Tensor | None
+    rotated: list[tuple[Tensor, Tensor, int | None, int | None]],
+    v: Tensor,
+    key_mask: Tensor | None,
+    q: Tensor,
+    registers: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
-    """One (T, S) score matrix per kind of distance; each pair takes the score of its band, then one softmax."""
+    """One (T, S) score matrix per kind of distance; each pair takes the score of its band, then one softmax
+    (over the registers' scores too, which the un-rotated q gives)."""
     B, H, T, Dh = rotated[0][0].shape
     Hkv, S = v.shape[1], v.shape[2]
     compute = torch.promote_types(v.dtype, torch.float32)
     offset = torch.arange(S, device=v.device) - torch.arange(S - T, S, device=v.device).unsqueeze(1)  # (T, S)
     scores = v.new_full((B, Hkv, H // Hkv, T, S), float("-inf"), dtype=compute)
-    for q, k, lo, hi in rotated:
-        q = q.unflatten(1, (Hkv, H // Hkv)).to(compute)  # (B, Hkv, H/Hkv, T, Dh): heads grouped by kv head
-        kind = q @ k.unsqueeze(2).to(compute).transpose(-1, -2) * Dh**-0.5  # (B, Hkv, H/Hkv, T, S)
+    for q_rot, k_rot, lo, hi in rotated:
+        q_rot = q_rot.unflatten(1, (Hkv, H // Hkv)).to(compute)  # (B, Hkv, H/Hkv, T, Dh): heads grouped by kv head
+        kind = q_rot @ k_rot.unsqueeze(2).to(compute).transpose(-1, -2) * Dh**-0.5  # (B, Hkv, H/Hkv, T, S)
         scores = torch.where(band_mask(offset, lo, hi), kind, scores)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
+    values = v.unsqueeze(2).to(compute)  # (B, Hkv, 1, S, Dh)
+    if registers is not None:
+        register_keys, register_values = registers
+        scores = torch.cat([_register_scores(q, register_keys), scores], dim=-1)  # (B, Hkv, H/Hkv, T, R+S)
+        shared = register_values.to(compute).unsqueeze(1).expand(B, -1, -1, -1, -1)  # (B, Hkv, 1, R, Dh)
+        values = torch.cat([shared, values], dim=-2)  # (B, Hkv, 1, R + S, Dh)
     probs = scores.softmax(dim=-1).nan_to_num(0.0)  # a query that sees no key gets zeros
-    out = probs @ v.unsqueeze(2).to(compute)  # (B, Hkv, H/Hkv, T, Dh)
+    out = probs @ values  # (B, Hkv, H/Hkv, T, Dh)
     return out.flatten(1, 2).to(v.dtype)  # (B, H, T, Dh)
 
 
@@ -215,6 +262,25 @@ def _check_inputs(
             )
         if (mask[:, 1:] < mask[:, :-1]).any():
             raise ValueError("key_padding_mask must be left padding (pads before every real token of a row)")
+
+
+def _check_starts_and_registers(
+    k: Tensor, stream_start: Tensor | None, keys: Tensor | None, values: Tensor | None
+) -> None:
+    B, Hkv, _, Dh = k.shape
+    if stream_start is not None and (stream_start.shape != (B,) or stream_start.is_floating_point()):
+        raise ValueError(
+            f"stream_start must be integer (B,) = ({B},), got {stream_start.dtype} {tuple(stream_start.shape)}"
+        )
+    if (keys is None) != (values is None):
+        raise ValueError("register_keys and register_values go together; pass both or neither")
+    if keys is not None and (
+        keys.ndim != 3 or keys.shape != values.shape or (keys.shape[0], keys.shape[2]) != (Hkv, Dh)
+    ):
+        raise ValueError(
+            f"register_keys and register_values must both be (Hkv, R, Dh) with Hkv={Hkv}, Dh={Dh}; got "
+            f"{tuple(keys.shape)} and {tuple(values.shape)}"
+        )
 
 
 _warned: set[tuple[int, int, int]] = set()
