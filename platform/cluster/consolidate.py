@@ -23,9 +23,9 @@ import torch
 
 from ..inference.loading import read_checkpoint
 from ..models.spec import ModelSpec
+from ..training.checkpoints import META, sharded_kind
 
 KEPT = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "model_spec", "tokenizer")
-META = "meta.pt"  # Lightning's non-tensor part of a DCP checkpoint
 
 
 def checkpoint_kind(path: str | Path) -> str:
@@ -33,10 +33,8 @@ def checkpoint_kind(path: str | Path) -> str:
     path = Path(path)
     if path.is_file():
         return "file"
-    if (path / META).is_file() and (path / ".metadata").is_file():
-        return "dcp"
-    if (path / "checkpoint").is_dir() or (path / "latest").is_file():
-        return "deepspeed"
+    if (kind := sharded_kind(path)) is not None:
+        return kind
     raise FileNotFoundError(
         f"--checkpoint {path} is neither a checkpoint file nor a sharded checkpoint directory "
         f"(DCP files with {META}, or a DeepSpeed checkpoint)"

@@ -182,12 +182,22 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def sharded_kind(path: Path) -> str | None:
+    """'dcp' (FSDP2/FSDP1: DCP's `.metadata` and Lightning's `meta.pt`), 'deepspeed' (ZeRO partitions), or
+    None when `path` is not a sharded checkpoint directory."""
+    if (path / META).is_file() and (path / ".metadata").is_file():
+        return "dcp"
+    if (path / "checkpoint").is_dir() or (path / "latest").is_file():
+        return "deepspeed"
+    return None
+
+
 def damage(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be loaded, or None when it looks whole. A file must be a complete
     torch.save archive; a directory must be a DCP checkpoint with Lightning's `meta.pt`, DCP's `.metadata`
     and the completion marker, or a DeepSpeed checkpoint."""
     if path.is_dir():
-        if (path / "checkpoint").is_dir() or (path / "latest").is_file():
+        if sharded_kind(path) == "deepspeed":
             return None
         if not ((path / META).is_file() or (path / ".metadata").is_file()):
             return "a directory that is not a sharded checkpoint"

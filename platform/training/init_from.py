@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cluster.consolidate import META, consolidated
+from ..cluster.consolidate import consolidated
 from ..inference.loading import read_checkpoint
 from ..models.spec import ModelSpec
+from .checkpoints import META, sharded_kind
 
 OPTION = "--model.init_from"
 KINDS = "a run directory, a checkpoint file, a sharded checkpoint directory or an exported Hugging Face directory"
@@ -52,10 +53,8 @@ def source_kind(path: str | Path) -> tuple[Path, str]:
         return path, "checkpoint"
     if (path / "checkpoints" / "last.ckpt").exists():
         return (path / "checkpoints" / "last.ckpt").resolve(), "checkpoint"
-    if (path / META).is_file() and (path / ".metadata").is_file():
-        return path, "dcp"
-    if (path / "checkpoint").is_dir() or (path / "latest").is_file():
-        return path, "deepspeed"
+    if (kind := sharded_kind(path)) is not None:
+        return path, kind
     if (path / "config.json").is_file():
         return path, "hf"
     if (path / "checkpoints").is_dir():
