@@ -159,6 +159,7 @@ class LossSpikeDetector(L.Callback):
         self.window, self.threshold, self.min_history = window, threshold, min(min_history, max(window, 2))
         self.recent: deque[float] = deque(maxlen=max(window, 1))
         self.spikes = 0
+        self.pending: list[tuple[int, Tensor]] = []  # (step, loss) not yet observed
 
     def observe(self, loss: float) -> float | None:
         """Take one loss; return its z-score when it is a spike, else None."""
@@ -178,15 +179,33 @@ class LossSpikeDetector(L.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not self.window or not isinstance(loss, Tensor):
             return
-        z = self.observe(float(loss.detach()))
-        if z is not None:
-            log_to_loggers(trainer, {"train/loss_spike_z": z, "train/loss_spikes": self.spikes})
+        # Kept on the device and judged every log_every_n_steps steps: reading each loss at once would make
+        # the host wait for the device after every batch.
+        self.pending.append((trainer.global_step, loss.detach()))
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self.judge_pending(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.judge_pending(trainer)
+
+    def judge_pending(self, trainer: L.Trainer | None) -> None:
+        """Observe the losses kept since the last call, in order; log and warn about each spike at its step."""
+        if not self.pending:
+            return
+        steps, losses = zip(*self.pending)
+        self.pending = []
+        for step, loss in zip(steps, torch.stack(losses).float().tolist()):
+            z = self.observe(loss)
+            if z is None or trainer is None:
+                continue
+            log_to_loggers(trainer, {"train/loss_spike_z": z, "train/loss_spikes": self.spikes}, step=step)
             rank_zero_warn(
-                f"step {trainer.global_step}: training loss {float(loss):.4g} is {z:.1f} standard "
-                f"deviations above the mean of the last {len(self.recent) - 1} (spike {self.spikes})"
+                f"step {step}: training loss {loss:.4g} is {z:.1f} standard deviations above the mean of the "
+                f"last {len(self.recent) - 1} (spike {self.spikes})"
             )
 
     def state_dict(self) -> dict:
+        self.judge_pending(None)  # a checkpoint holds every loss seen so far
         return {"recent": list(self.recent), "spikes": self.spikes}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -194,12 +213,12 @@ class LossSpikeDetector(L.Callback):
         self.spikes = state_dict["spikes"]
 
 
-def log_to_loggers(trainer: L.Trainer, metrics: dict) -> None:
-    """Straight to the loggers, at the step the module's metrics of this optimizer step use. A value
-    measured every N steps logged through `LightningModule.log` would be written again at every later
+def log_to_loggers(trainer: L.Trainer, metrics: dict, step: int | None = None) -> None:
+    """Straight to the loggers, at the step the module's metrics of this optimizer step use (or `step`). A
+    value measured every N steps logged through `LightningModule.log` would be written again at every later
     flush until the next measurement, i.e. at the wrong steps."""
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
 
 
 def moe_layer_key(name: str) -> str:
