@@ -2,18 +2,21 @@
 
     python -m benchmarks.train_throughput [--model LABEL=ARCH:SIZE[:K=V,...]]... [--lengths 512 1024 ...]
         [--device cpu|cuda] [--dtype fp32|bf16] [--batch-size 1] [--steps 3] [--threads N]
+        [--scan-kernels torch triton]
 
 Prints markdown tables: parameters, tokens/s with the ratio to the first (baseline) model, the per-token
 time at each length relative to the shortest (near 1 for a model whose cost is linear in length) and, on
 CUDA, the memory a step allocates. The models take turns at each length and the fastest of `--steps`
 steps counts, so a busy machine slows every model alike. The defaults (about 3.8M parameters each, all
 of width 256 with a 4096-token vocabulary: LSWT and SeqCond of 4 layers, SerriformNet of 5 blocks) take
-a few minutes on 2 CPU cores; pass larger models with --device cuda.
+a few minutes on 2 CPU cores; pass larger models with --device cuda. `--scan-kernels torch triton` runs
+each SeqCond and SerriformNet model once per recurrence kernel (their `scan_kernel` setting), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from functools import partial
 
 import torch
@@ -24,6 +27,7 @@ from benchmarks.common import (
     LSWT_MODEL,
     SEQCOND_SHAPE,
     SERRIFORM_MODEL,
+    ModelSpec,
     add_common_arguments,
     describe_device,
     growth_rows,
@@ -34,6 +38,7 @@ from benchmarks.common import (
     setup,
 )
 from lctrain.models import count_parameters
+from lctrain.models.layers.scan import SCAN_KERNELS
 
 DEFAULT_MODELS = [LSWT_MODEL, f"seqcond=seqcond:debug:{SEQCOND_SHAPE},seqcond_ratio=3", SERRIFORM_MODEL]
 
@@ -47,14 +52,35 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens:
     optimizer.step()
 
 
+def per_scan_kernel(specs: list[ModelSpec], kernels: list[str] | None) -> list[ModelSpec]:
+    """Each SeqCond and SerriformNet spec once per kernel, labelled "label[kernel]"; others unchanged."""
+    if not kernels:
+        return specs
+    out = []
+    for spec in specs:
+        if spec.arch not in ("seqcond", "serriform"):
+            out.append(spec)
+            continue
+        for kernel in kernels:
+            overrides = {**spec.overrides, "scan_kernel": kernel}
+            out.append(dataclasses.replace(spec, label=f"{spec.label}[{kernel}]", overrides=overrides))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, DEFAULT_MODELS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model and length (the fastest counts)")
+    parser.add_argument(
+        "--scan-kernels",
+        nargs="+",
+        choices=SCAN_KERNELS,
+        help="run each SeqCond and SerriformNet model once per recurrence kernel, e.g. torch triton",
+    )
     args = parser.parse_args(argv)
-    specs = setup(args, DEFAULT_MODELS)
+    specs = per_scan_kernel(setup(args, DEFAULT_MODELS), args.scan_kernels)
     dtype, cuda = DTYPES[args.dtype], args.device.startswith("cuda")
 
     models = [spec.build(args.device, dtype).train() for spec in specs]

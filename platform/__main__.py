@@ -1,4 +1,4 @@
-"""The `lctrain` command: `lctrain <fit|prepare|generate|export> [options]`, the same as `python -m
+"""The `lctrain` command: `lctrain <fit|prepare|generate|export|evaluate> [options]`, the same as `python -m
 platform.<command>` in a checkout (and `python -m lctrain <command>` where the package is installed)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ COMMANDS = {
     "prepare": "tokenize text files, the built-in corpus or a synthetic task into shards",
     "generate": "stream a continuation of a prompt from a checkpoint",
     "export": "write one checkpoint file from a run, a file or a sharded checkpoint",
+    "evaluate": "perplexity by context length, loss by position, passkey/MQAR grids; or a run's validation",
 }
 
 

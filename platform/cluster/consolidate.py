@@ -25,7 +25,15 @@ from ..inference.loading import read_checkpoint
 from ..models.spec import ModelSpec
 from ..training.checkpoints import META, sharded_kind
 
-KEPT = ("epoch", "global_step", "pytorch-lightning_version", "hyper_parameters", "model_spec", "tokenizer")
+KEPT = (
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+    "hyper_parameters",
+    "datamodule_hyper_parameters",
+    "model_spec",
+    "tokenizer",
+)
 
 
 def checkpoint_kind(path: str | Path) -> str:

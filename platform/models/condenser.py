@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .contract import exclude_from_weight_decay
 from .layers.norm import RMSNorm
+from .layers.scan import use_triton_kernel
 from .output import ModelState, zero_rows
 from .seqcond_config import SeqCondConfig
 
@@ -67,6 +68,19 @@ def decayed_prefix_sum(values: Tensor, log_decay: Tensor, initial: Tensor | None
     ramp = torch.exp(log_decay * (i[:, None] + 1))  # (C, K): its decay to each position in the chunk
     out = out + ramp[:, :, None] * entering[:, :, None]  # (B, n, C, K, D)
     return out.reshape(B, n * C, K, D)[:, :T]  # (B, T, K, D)
+
+
+def condense(values: Tensor, log_decay: Tensor, initial: Tensor | None, chunk_size: int, kernel: str) -> Tensor:
+    """`decayed_prefix_sum`, or the same sums by the fused Triton scan where `kernel` (a scan_kernel
+    setting) selects it: the K heads of D channels become K * D channels, each head's decay repeated."""
+    if not use_triton_kernel(kernel, values):
+        return decayed_prefix_sum(values, log_decay, initial, chunk_size)
+    from .layers.scan_triton import decayed_scan
+
+    B, T, K, D = values.shape
+    flat_initial = None if initial is None else initial.reshape(B, K * D)  # (B, K * D)
+    sums = decayed_scan(values.reshape(B, T, K * D), log_decay.repeat_interleave(D), flat_initial)  # (B, T, K * D)
+    return sums.view(B, T, K, D)
 
 
 class SequenceCondenser(nn.Module):
@@ -185,7 +199,7 @@ class SequenceCondenser(nn.Module):
                 [state.re.flatten(2), state.im.flatten(2), state.den[..., None]], dim=-1
             )  # (B, K, 2HM+1)
         chunk = T if self.config.use_square_matrix else self.config.chunk_size
-        sums = decayed_prefix_sum(values, log_decay, initial, chunk)  # (B, T, K, 2HM + 1)
+        sums = condense(values, log_decay, initial, chunk, self.config.scan_kernel)  # (B, T, K, 2HM + 1)
         re, im, den = sums.split([H * M, H * M, 1], dim=-1)
         # Copies, so that a state does not keep the whole call's (B, T, ...) tensors alive.
         new_state = CondenserState(

@@ -34,6 +34,24 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Every change of a config field's default, per family: (the spec format that made it, the field, its value
+# before). A saved spec records only the fields that differed from the defaults of its time, so one of an older
+# format (spec.py FORMAT) means these values where it says nothing; `legacy_defaults` gives them.
+DEFAULT_CHANGES: dict[str, list[tuple[int, str, Any]]] = {
+    # format 2: SerriformNet drops the rotary position gate, which fails past the trained length
+    "serriform": [(2, "positions", "rotary")],
+}
+
+
+def legacy_defaults(arch: str, spec_format: int) -> dict[str, Any]:
+    """The fields whose default changed after `spec_format`, each with the value it had then."""
+    then: dict[str, Any] = {}
+    for changed_in, field, before in sorted(DEFAULT_CHANGES.get(arch, []), key=lambda c: -c[0]):
+        if changed_in > spec_format:
+            then[field] = before  # newest change first, so the oldest one after spec_format wins
+    return then
+
+
 def family(arch: str) -> Family:
     if arch not in FAMILIES:
         raise ValueError(f"unknown architecture '{arch}'; choose one of: {', '.join(FAMILIES)}")

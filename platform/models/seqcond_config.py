@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .layers.scan import check_scan_kernel
 from .layers.self_extend import SelfExtendConfig, as_self_extend_config
 from .seed_names import rename
 
@@ -60,6 +61,11 @@ class SeqCondConfig:
     """Tokens per chunk of the condenser's parallel scan: work per token grows with it, Python steps shrink."""
     use_square_matrix: bool = False
     """Compute each condenser call with one masked T x T matrix (O(T^2) memory, the original's option)."""
+    scan_kernel: str = "auto"
+    """How the condensers' decayed sums are computed: "auto" (fused Triton kernels on CUDA when Triton is
+    installed and the kernels pass a first check on the device, else the chunked PyTorch scan), "torch"
+    (always PyTorch) or "triton" (the kernels, an error without them). The kernels ignore chunk_size and
+    use_square_matrix; the sums agree to fp32 rounding."""
     use_final_norm: bool = True
     """RMSNorm before the LM head (the original has none; it keeps initial logits near unit scale)."""
     tie_weights: bool = True
@@ -77,6 +83,7 @@ class SeqCondConfig:
         for name in ("conv_kernel_size", "chunk_size", "out_expand_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+        check_scan_kernel(self.scan_kernel)
         if self.seqcond_ratio < 0:
             raise ValueError(f"model.seqcond_ratio={self.seqcond_ratio} must be >= 0 (0 makes every block attention)")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:

@@ -2,9 +2,11 @@
 
 The seed README's *sequential* block (docs/architectures.md, which overrides the drifted public code
 described in §4): every block is x + FF(GatedFusion(SparseRecurrence(Conv(RMSNorm(x))))), each stage
-switchable. Positions enter once, as a rotary rotation of the token embeddings. The state per layer is
-a conv tail and a recurrent vector, plus one position (and, once a row is reset, where each row's stream
-began), so decoding costs O(1) per token.
+switchable. No absolute position enters by default (`positions="none"`): the causal conv and the recurrence
+alone give order, the same at every position, so the model meets nothing new past its trained length. The
+original's rotary rotation of the token embeddings (`positions="rotary"`) remains an option. The state per
+layer is a conv tail and a recurrent vector, plus one position (and, once a row is reset, where each row's
+stream began), so decoding costs O(1) per token.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .layers.feed_forward import ACTIVATIONS, LowRankFF
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
 from .layers.rope import apply_rotary, rotary_angles
-from .layers.scan import linear_scan
+from .layers.scan import check_scan_kernel, scan
 from .output import ModelOutput, ModelState, zero_rows
 from .seed_names import rename
 
@@ -32,6 +34,9 @@ _TRAINING_KEYS = {
     "load_balancing": "the weight of the 'moe_balance' aux loss (0 turns balancing off)",
     "load_balancing_weight": "the weight of the 'moe_balance' aux loss",
 }
+
+# The absolute position signals a SerriformNet can take (SerriformConfig.positions).
+POSITIONS = ("none", "rotary")
 
 
 @dataclasses.dataclass
@@ -51,8 +56,14 @@ class SerriformConfig:
     """Number of Serriform blocks."""
     dropout: float = 0.1
     """Dropout on the embeddings and on each block's update, in training only."""
+    positions: str = "none"
+    """Absolute position signal: "none" adds none (the causal conv and the recurrence give order alone, the
+    same at any length); "rotary" rotates the token embeddings by their position, the original's gate, which
+    past the trained length meets angles it never saw (docs/architectures.md measures both by length).
+    Checkpoints and exports from before this field load as "rotary"."""
     rope_base: float = 10000.0
-    """Base of the rotary gate on the embeddings (the original passed max_seq_len here by mistake)."""
+    """Base of the rotary gate on the embeddings (the original passed max_seq_len here by mistake); unused
+    with positions="none"."""
     use_conv: bool = True
     """Causal depthwise-separable dilated convolution stage."""
     use_recurrence: bool = True
@@ -77,6 +88,10 @@ class SerriformConfig:
     """Std of the Gaussian noise added to router logits in training (exploration); 0 turns it off."""
     activation: str = "silu"
     """Activation after the pointwise convolution: silu, gelu or relu (the feed-forward stages use GELU)."""
+    scan_kernel: str = "auto"
+    """How the recurrence is computed: "auto" (fused Triton kernels on CUDA when Triton is installed and the
+    kernels pass a first check on the device, else PyTorch's chunked scan), "torch" (always the chunked scan)
+    or "triton" (the kernels, an error without them). The same function either way, equal to fp32 rounding."""
 
     def __post_init__(self) -> None:
         if self.d_model < 2 or self.d_model % 2:
@@ -100,10 +115,13 @@ class SerriformConfig:
             raise ValueError(
                 f"model.conv_dilation_growth={self.conv_dilation_growth} must be >= 1 (1 turns dilation off)"
             )
+        if self.positions not in POSITIONS:
+            raise ValueError(f"model.positions='{self.positions}' is unknown; choose one of: {', '.join(POSITIONS)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"model.activation='{self.activation}' is unknown; choose one of: {', '.join(ACTIVATIONS)}"
             )
+        check_scan_kernel(self.scan_kernel)
         if self.router_noise < 0:
             raise ValueError(f"model.router_noise={self.router_noise} must be >= 0 (0 turns router noise off)")
         if not 0 <= self.dropout < 1:
@@ -180,7 +198,7 @@ class SerriformState(ModelState):
 
     def reset_rows(self, reset: Tensor) -> SerriformState:
         """Rows where `reset` (B,) is True start a new stream here: empty layer states, and their rotary gate
-        counts from 0 again (it rotates by absolute position, so this row offset is needed)."""
+        (positions="rotary") counts from 0 again (it rotates by absolute position, so this row offset is needed)."""
         start = self.stream_start if self.stream_start is not None else reset.new_zeros(reset.shape, dtype=torch.long)
         start = torch.where(reset.to(start.device), self.position, start)  # (B,)
         return SerriformState([layer.reset_rows(reset) for layer in self.layers], self.position, start)
@@ -222,11 +240,12 @@ class SparseRecurrence(nn.Module):
 
     alpha = sigmoid(a) in (0, 1) and beta are learned per channel, initialised to 0.9 and 0.1 (the
     original's values): an exponential moving average over ~10 tokens with unit gain on a constant input.
-    Solved by `linear_scan` in fp32, equal to the step loop.
+    Solved in fp32 by `linear_scan` or, as `scan_kernel` selects, the fused Triton kernels; both equal the step loop.
     """
 
-    def __init__(self, memory_dim: int):
+    def __init__(self, memory_dim: int, scan_kernel: str = "auto"):
         super().__init__()
+        self.scan_kernel = scan_kernel
         self.alpha_logit = nn.Parameter(torch.empty(memory_dim))
         self.beta = nn.Parameter(torch.empty(memory_dim))
         exclude_from_weight_decay(self.alpha_logit, self.beta)  # decay would pull alpha to 0.5 and beta to 0
@@ -238,7 +257,7 @@ class SparseRecurrence(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         """x (B, T, D), h0 (B, m) or None -> y (B, T, D) and the last state (B, m) in fp32."""
         m = self.beta.shape[0]
-        h = linear_scan(x[..., :m] * self.beta, F.logsigmoid(self.alpha_logit), h0)  # (B, T, m)
+        h = scan(x[..., :m] * self.beta, F.logsigmoid(self.alpha_logit), h0, kernel=self.scan_kernel)  # (B, T, m)
         y = torch.cat([h.to(x.dtype), x[..., m:]], dim=-1)  # (B, T, D)
         return y, h[:, -1].clone()  # a copy: the state must not pin every step's h
 
@@ -271,7 +290,7 @@ class SerriformBlock(nn.Module):
         self.conv = (
             CausalDilatedConv(c.d_model, c.conv_kernel_size, c.dilations[layer], c.activation) if c.use_conv else None
         )
-        self.recurrence = SparseRecurrence(c.memory_dim) if c.use_recurrence else None
+        self.recurrence = SparseRecurrence(c.memory_dim, c.scan_kernel) if c.use_recurrence else None
         self.fusion = GatedFusion(c.d_model)
         self.moe = (
             MoE(c.d_model, c.ff_rank, c.num_experts, c.top_k_experts, router_noise=c.router_noise)
@@ -300,7 +319,8 @@ class SerriformBlock(nn.Module):
 
 
 class SerriformNet(nn.Module):
-    """Token embedding with a rotary gate, Serriform blocks, a final RMSNorm and an untied output head.
+    """Token embedding (rotated by position if positions="rotary"), Serriform blocks, a final RMSNorm and an
+    untied output head.
 
     The head is untied, as in the original's code: tying would save vocab_size * d_model parameters
     (25.7M of the default size) but couples the rotated input embedding to the output.
@@ -349,14 +369,16 @@ class SerriformNet(nn.Module):
     ) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V); `state` continues a sequence from its last call."""
         offset = 0 if state is None else state.position
-        positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)  # (T,)
-        if state is not None and state.stream_start is not None:
-            positions = positions - state.stream_start.to(positions.device)[:, None]  # (B, T): from each row's start
-        # the "multiplicative RoPE gate": channel pairs (d, d + D/2) rotated by position * base^(-2d/D), with
-        # angles in the wider of fp32 and the model's dtype (a float64 model rotates in float64)
-        x = self.embed(input_ids)  # (B, T, D)
-        angles_dtype = torch.promote_types(x.dtype, torch.float32)
-        h = apply_rotary(x, *rotary_angles(positions, self.config.d_model, self.config.rope_base, dtype=angles_dtype))
+        h = self.embed(input_ids)  # (B, T, D)
+        if self.config.positions == "rotary":
+            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)  # (T,)
+            if state is not None and state.stream_start is not None:
+                positions = positions - state.stream_start.to(positions.device)[:, None]  # (B, T): from row start
+            # the "multiplicative RoPE gate": channel pairs (d, d + D/2) rotated by position * base^(-2d/D), with
+            # angles in the wider of fp32 and the model's dtype (a float64 model rotates in float64)
+            angles_dtype = torch.promote_types(h.dtype, torch.float32)
+            angles = rotary_angles(positions, self.config.d_model, self.config.rope_base, dtype=angles_dtype)
+            h = apply_rotary(h, *angles)
         h = self.dropout(h)  # (B, T, D)
         layers, aux = [], []
         for i, block in enumerate(self.blocks):

@@ -13,7 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from .registry import config_for, family
+from .registry import config_for, family, legacy_defaults
+
+FORMAT = 2
+"""Format of `ModelSpec.to_dict` (its "format" key; 1 before that key). Raised with every change of a config
+default (registry.DEFAULT_CHANGES), since a spec records only the fields that differ from its time's defaults."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,29 +28,44 @@ class ModelSpec:
     """Named size of that architecture."""
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Config fields that differ from the named size's (nested configs as dicts)."""
+    format: dataclasses.InitVar[int] = FORMAT
+    """Format the overrides were written in (`to_dict`'s): an older one left out fields whose default has
+    changed since, which then take the default of its time (registry.DEFAULT_CHANGES)."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, format: int) -> None:
+        if not isinstance(format, int) or not 1 <= format <= FORMAT:
+            raise ValueError(f"model_spec has format {format!r}; this lctrain reads 1 to {FORMAT} (upgrade for newer)")
+        if format < FORMAT:
+            object.__setattr__(self, "overrides", {**legacy_defaults(self.arch, format), **self.overrides})
         self.config()  # unknown architecture, size or field: fail here, naming it
 
     @classmethod
     def from_config(cls, arch: str, size: str, config: Any) -> ModelSpec:
-        """The spec of a full config (a dataclass or a dict of its fields): only what differs from the size."""
-        fields = _plain(config)
+        """The spec of a full config (a dataclass or a dict of its fields): only what differs from the size.
+
+        A dict written before a field existed (an older export's config) lacks it; such a field takes the
+        value that model had, its default before it changed (registry.DEFAULT_CHANGES), else the size's."""
+        fields = {**legacy_defaults(arch, 1), **_plain(config)}
         base = _plain(config_for(arch, size))
         return cls(arch, size, {k: v for k, v in fields.items() if base.get(k) != v})
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ModelSpec:
+        """The spec `to_dict` wrote, in this format or an older one (format 1 had no "format" key)."""
+        return cls(**{"format": 1, **saved})
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> ModelSpec:
         """The spec a checkpoint was trained with (older checkpoints: from the module's hyper-parameters)."""
         if "model_spec" in checkpoint:
-            return cls(**checkpoint["model_spec"])
+            return cls.from_dict(checkpoint["model_spec"])
         hp = checkpoint.get("hyper_parameters")
         if not hp or "arch" not in hp:
             raise KeyError("model_spec")
         overrides = dict(hp.get("model_config") or {})
         if hp.get("vocab_size") is not None:
             overrides["vocab_size"] = hp["vocab_size"]
-        return cls(hp["arch"], hp.get("size", "debug"), overrides)
+        return cls.from_dict({"arch": hp["arch"], "size": hp.get("size", "debug"), "overrides": overrides})
 
     def replace(self, **overrides: Any) -> ModelSpec:
         """The same model with more fields replaced (e.g. an inference-only `self_extend`)."""
@@ -61,7 +80,8 @@ class ModelSpec:
         return family(self.arch).model(self.config())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "size": self.size, "overrides": _plain(self.overrides)}
+        """Plain data for a checkpoint; `from_dict` reads it back, in any later version too."""
+        return {"format": FORMAT, "arch": self.arch, "size": self.size, "overrides": _plain(self.overrides)}
 
 
 def _plain(value: Any) -> Any:

@@ -10,7 +10,8 @@ LanguageModelModule and the TokenDataModule; unknown keys are rejected. On top o
   their recent values), `grad_norm`,
   `lr_monitor`, `expert_usage` (tokens per expert of MoE models; nothing for the others), `progress` (a
   plain-text line every few steps when the output is not a terminal, which then gets no progress bar unless
-  `trainer.enable_progress_bar` is set; the bar counts optimizer steps);
+  `trainer.enable_progress_bar` is set; the bar counts optimizer steps), and `length_sweep` (off by default:
+  perplexity by context length every few validations, logged as scalars, a table and a plot; length_sweep.py);
 - files default to the run directory `trainer.default_root_dir`: checkpoints in `<root>/checkpoints`,
   logs in `<root>`, the resolved config in `<root>/config.yaml` (overwritten on resume);
 - the model's config is typed: `model.model_config` takes the fields of the chosen architecture's config
@@ -57,6 +58,7 @@ from ..models.spec import ModelSpec
 from .callbacks import ExpertUsageMonitor, GradNormMonitor, LossSpikeDetector, NonFiniteGuard, PeriodicCheckpoint
 from .checkpoints import remove_stale_temporaries, resolve_ckpt_path
 from .init_from import WeightsSource, read_source
+from .length_sweep import LengthSweep
 from .module import LanguageModelModule
 from .progress import ProgressLine, progress_bar_settings
 from .random_state import TrainingRandomState
@@ -179,6 +181,7 @@ class PlatformCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
         parser.add_lightning_class_args(LossSpikeDetector, "loss_spike")
         parser.add_lightning_class_args(ProgressLine, "progress")
+        parser.add_lightning_class_args(LengthSweep, "length_sweep")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_class_arguments(Parallelism, "parallelism", fail_untyped=False)

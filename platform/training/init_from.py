@@ -44,11 +44,12 @@ class WeightsSource:
     """The tokenizer of the data the source was trained on, when the source records it."""
 
 
-def source_kind(path: str | Path) -> tuple[Path, str]:
-    """The file or directory to read and its kind; a run directory stands for its checkpoints/last.ckpt."""
+def source_kind(path: str | Path, option: str = OPTION) -> tuple[Path, str]:
+    """The file or directory to read and its kind; a run directory stands for its checkpoints/last.ckpt.
+    Errors name `option`, the command-line option that gave the path."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{OPTION} {path}: no such file or directory; pass {KINDS}")
+        raise FileNotFoundError(f"{option} {path}: no such file or directory; pass {KINDS}")
     if path.is_file():
         return path, "checkpoint"
     if (path / "checkpoints" / "last.ckpt").exists():
@@ -58,15 +59,15 @@ def source_kind(path: str | Path) -> tuple[Path, str]:
     if (path / "config.json").is_file():
         return path, "hf"
     if (path / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{OPTION} {path} is a run directory without checkpoints/last.ckpt; name a checkpoint")
-    raise FileNotFoundError(f"{OPTION} {path} is a directory that holds no model; pass {KINDS}")
+        raise FileNotFoundError(f"{option} {path} is a run directory without checkpoints/last.ckpt; name a checkpoint")
+    raise FileNotFoundError(f"{option} {path} is a directory that holds no model; pass {KINDS}")
 
 
-def read_source(path: str | Path) -> WeightsSource:
-    """The source at `path` without its weights, or a one-line error naming the path."""
-    location, kind = source_kind(path)
+def read_source(path: str | Path, option: str = OPTION) -> WeightsSource:
+    """The source at `path` without its weights, or a one-line error naming the path (and `option`)."""
+    location, kind = source_kind(path, option)
     if kind == "checkpoint":
-        checkpoint = read_checkpoint(location, OPTION)  # memory-mapped: the weights are not read here
+        checkpoint = read_checkpoint(location, option)  # memory-mapped: the weights are not read here
         spec, tokenizer = ModelSpec.from_checkpoint(checkpoint), checkpoint.get("tokenizer")
     elif kind == "dcp":
         meta = torch.load(location / META, map_location="cpu", weights_only=True)

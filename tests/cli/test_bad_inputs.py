@@ -1,4 +1,4 @@
-"""Every bad input a user can give fit, prepare, generate or export ends in one `error:` line that names the
+"""Every bad input a user can give fit, prepare, generate, export or evaluate ends in one `error:` line that names the
 key, file or value, exit code 2, and leaves the run directory, the data and any output as they were.
 
 Each case runs the command's entry point in this process (as `python -m platform.<cmd>` does, minus the
@@ -23,11 +23,18 @@ import torch
 from lctrain.cluster.consolidate import export_cli
 from lctrain.data.prepare import prepare_cli
 from lctrain.entry import run_entry_point
+from lctrain.evaluation.cli import evaluate_cli
 from lctrain.inference.generation import generate_cli
 from lctrain.training.cli import fit
 from tests.helpers import REPO, quick_fit_args
 
-COMMANDS = {"fit": fit, "prepare": prepare_cli, "generate": generate_cli, "export": export_cli}
+COMMANDS = {
+    "fit": fit,
+    "prepare": prepare_cli,
+    "generate": generate_cli,
+    "export": export_cli,
+    "evaluate": evaluate_cli,
+}
 
 
 @dataclass
@@ -115,6 +122,8 @@ class Case:
             return quick_fit_args(world.new_run, world.data, *args, steps=4)
         if self.command == "fit-run":
             return quick_fit_args(world.run, world.data, *args, steps=4)
+        if self.command == "evaluate-run":  # the trained run on the data: the case changes one thing
+            return ["--models+", str(world.run), "--data.data_dir", str(world.data), *args]
         return args
 
 
@@ -243,6 +252,35 @@ CASES = [
     Case("out not .ckpt", "export", "--checkpoint {run} --out {root}/model.bin", "model.bin"),
     Case("out is a directory", "export", "--checkpoint {run} --out {inputs}/empty-dir.ckpt/", "empty-dir"),
     Case("out under a file", "export", "--checkpoint {run} --out {inputs}/text.txt/m.ckpt", "text.txt"),
+    # evaluate (evaluate-run: the trained run on the data, plus the case's arguments)
+    Case("no models", "evaluate", "--data.data_dir {data}", "--models"),
+    Case("nothing to measure", "evaluate", "--models+ {run}", "--data.data_dir"),
+    Case("model missing", "evaluate", "--models+ {root}/gone --data.data_dir {data}", "gone"),
+    Case("model garbage", "evaluate", "--models+ {inputs}/garbage.ckpt --data.data_dir {data}", "garbage.ckpt"),
+    Case("model truncated", "evaluate", "--models+ {inputs}/truncated.ckpt --data.data_dir {data}", "truncated"),
+    Case("model entry key", "evaluate", "--models+ '{{path: {run}, group: 4}}' --data.data_dir {data}", "group"),
+    Case(
+        "self_extend without attention",
+        "evaluate",
+        "--models+ '{{path: {other_family}, self_extend: {{group_size: 4, window_size: 8}}}}' --data.data_dir {data}",
+        "self_extend",
+    ),  # fmt: skip
+    Case("length below 2", "evaluate-run", "--perplexity.lengths [1,64]", "lengths"),
+    Case("data shorter", "evaluate-run", "--perplexity.lengths [128,99999]", "99999"),
+    Case("score_len", "evaluate-run", "--perplexity.score_len 500", "score_len"),
+    Case("data missing", "evaluate", "--models+ {run} --data.data_dir {root}/no-data", "no-data"),
+    Case("split unknown", "evaluate-run", "--data.split test", "data.split"),
+    Case("output is a file", "evaluate-run", "--output {inputs}/text.txt", "text.txt"),
+    Case(
+        "passkey too short",
+        "evaluate",
+        "--models+ {run} --retrieval.tasks [passkey] --retrieval.lengths [20]",
+        "retrieval.lengths",
+    ),  # fmt: skip
+    Case("validate without checkpoint", "evaluate", "--mode validate", "--checkpoint"),
+    Case("validate garbage", "evaluate", "--mode validate --checkpoint {inputs}/garbage.ckpt", "garbage.ckpt"),
+    Case("devices zero", "evaluate-run", "--devices 0", "devices"),
+    Case("cuda without cuda", "evaluate-run", "--accelerator cuda", "cuda"),
 ]
 
 

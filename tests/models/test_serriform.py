@@ -1,7 +1,8 @@
 """SerriformNet beyond the shared contract: docs/architectures.md and acceptance checks §5 items 24-29.
 
 Tiny sizes give every axis its own length: B 2, T 24, D 48, memory channels 12, FF rank 16, 5 experts,
-top-2, vocabulary 97. Tolerances are written beside each comparison.
+top-2, vocabulary 97. Tolerances are written beside each comparison. The decoding and reference checks run
+for each position signal (`positions`, POSITIONS).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lctrain.models import build_model, config_for, count_parameters
 from lctrain.models.layers.scan import linear_scan
 from lctrain.models.sampling import generate
 from lctrain.models.serriform import (
+    POSITIONS,
     SEED_NAMES,
     SerriformConfig,
     SerriformLayerState,
@@ -68,10 +70,11 @@ def test_every_stage_combination_builds_and_is_causal(flags):
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("ablation", ABLATIONS)
-def test_stepwise_decoding_matches_full_forward_for_every_ablation(ablation):
+def test_stepwise_decoding_matches_full_forward_for_every_ablation(ablation, positions):
     """fp32; tolerance 1e-5 of the largest logit (the original missed by 0.5 at logits of 0.4)."""
-    model = tiny_model(**ABLATIONS[ablation])
+    model = tiny_model(**ABLATIONS[ablation], positions=positions)
     ids = tokens()
     full = model(ids).logits
     out = model(ids[:, :5])
@@ -83,10 +86,11 @@ def test_stepwise_decoding_matches_full_forward_for_every_ablation(ablation):
     assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5 * full.abs().max()
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("ablation", ABLATIONS)
-def test_chunked_prefill_and_continuation_match_full_forward(ablation):
+def test_chunked_prefill_and_continuation_match_full_forward(ablation, positions):
     """float64, chunks of 7, 1, 9 and 7 tokens (shorter than the dilation-4 tail of 8 included); atol 1e-10."""
-    model = tiny_model(torch.float64, **ABLATIONS[ablation])
+    model = tiny_model(torch.float64, **ABLATIONS[ablation], positions=positions)
     ids = tokens()
     full = model(ids).logits
     state, pieces, start = None, [], 0
@@ -97,12 +101,14 @@ def test_chunked_prefill_and_continuation_match_full_forward(ablation):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("ablation", ABLATIONS)
-def test_model_matches_float64_token_loop_reference(ablation):
+def test_model_matches_float64_token_loop_reference(ablation, positions):
     """Logits and state of a fresh call and of a call continuing from a state. A float64 model computes
     in float64 throughout (norms, rotary angles, scan), so logits and states agree to 1e-10 absolute
-    (logits of order 0.5; conv inputs are RMS-normalised, of order 1)."""
-    model = tiny_model(torch.float64, **ABLATIONS[ablation])
+    (logits of order 0.5; conv inputs are RMS-normalised, of order 1). The reference rotates its embeddings
+    only for positions="rotary"."""
+    model = tiny_model(torch.float64, **ABLATIONS[ablation], positions=positions)
     ids = tokens(t=14)
     first, second = model(ids[:, :9]), None
     ref_first, ref_state = serriform_forward(model, ids[:, :9])
@@ -120,7 +126,7 @@ def test_model_matches_float64_token_loop_reference(ablation):
 def test_float64_model_rotates_by_float64_angles_far_into_a_sequence():
     """At position 50,000 float32 angles move the logits by ~3e-4 (the same weights in float32 show it);
     a float64 model rotates in float64 and matches the reference to 1e-10 there too (measured 9e-13)."""
-    model = tiny_model(torch.float64)
+    model = tiny_model(torch.float64, positions="rotary")
     tails = [torch.zeros(B, 2 * d, 48, dtype=torch.float64) for d in model.config.dilations]  # (k-1)*d inputs
     memories = [torch.zeros(B, 12, dtype=torch.float64) for _ in tails]
     state = SerriformState([SerriformLayerState(*pair) for pair in zip(tails, memories)], 50_000)
@@ -129,6 +135,37 @@ def test_float64_model_rotates_by_float64_angles_far_into_a_sequence():
     torch.testing.assert_close(model(ids, state=state).logits, want, rtol=0, atol=1e-10)
     in_float32 = model.float()(ids, state=state.to(dtype=torch.float32)).logits
     assert (in_float32.double() - want).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_only_the_rotary_gate_makes_the_output_depend_on_the_absolute_position(positions):
+    """The same layer states at position 0 and at 50,000: equal logits (atol 0) without a position signal, as
+    the model meets nothing new past its trained length; with the rotary gate they differ."""
+    model = tiny_model(torch.float64, positions=positions)
+    state = model(tokens(t=9)).state
+    far = dataclasses.replace(state, position=50_000)
+    ids = tokens(t=6, seed=2)
+    near_logits, far_logits = model(ids, state=state).logits, model(ids, state=far).logits
+    if positions == "none":
+        torch.testing.assert_close(far_logits, near_logits, rtol=0, atol=0)
+    else:
+        assert (far_logits - near_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_a_reset_row_continues_as_a_fresh_start_for_every_position_signal(positions):
+    """float64, 3 rows with row 1 reset after 11 tokens: row 1 equals a fresh call (1e-12, as the contract's
+    test: the MoE batches row 1 with the others), rows 0 and 2 continue, over two chunks after the reset."""
+    model = tiny_model(torch.float64, positions=positions)
+    past, first, second = tokens(b=3, t=11, seed=1), tokens(b=3, t=9, seed=2), tokens(b=3, t=5, seed=3)
+    state = model(past).state
+    out = model(first, state=state.reset_rows(torch.tensor([False, True, False])))
+    fresh, kept = model(first[1:2]), model(first, state=state)
+    torch.testing.assert_close(out.logits[1:2], fresh.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits[[0, 2]], kept.logits[[0, 2]], rtol=0, atol=1e-12)
+    out = model(second, state=out.state)
+    torch.testing.assert_close(out.logits[1:2], model(second[1:2], state=fresh.state).logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.logits[[0, 2]], model(second, state=kept.state).logits[[0, 2]], rtol=0, atol=1e-12)
 
 
 def test_state_holds_a_conv_tail_of_k_minus_one_times_dilation_and_the_memory_vector():
@@ -327,6 +364,7 @@ def test_training_settings_of_the_original_point_to_the_training_config(where):
         (dict(conv_dilation_growth=0.5), r"model.conv_dilation_growth=0.5 must be >= 1"),
         (dict(memory_dim_factor=0), r"model.memory_dim_factor=0 must be between 1 and model.d_model=512"),
         (dict(router_noise=-0.1), r"model.router_noise=-0.1 must be >= 0"),
+        (dict(positions="alibi"), r"model.positions='alibi' is unknown; choose one of: none, rotary"),
     ],
 )
 def test_invalid_settings_give_one_line_errors_naming_the_key(overrides, message):

@@ -92,10 +92,11 @@ def test_the_lctrain_command_trains_from_another_directory(installed, tmp_path, 
 def test_every_subcommand_answers_help_and_an_unknown_one_is_named(installed, tmp_path):
     command = str(installed / "bin" / "lctrain")
     for sub, option in [("fit", "--model.model_config.n_registers"), ("prepare", "--tokenizer"),
-                        ("generate", "--max_new_tokens"), ("export", "--out")]:  # fmt: skip
+                        ("generate", "--max_new_tokens"), ("export", "--out"),
+                        ("evaluate", "--perplexity.lengths")]:  # fmt: skip
         out = run_outside(installed, tmp_path, command, sub, "--help")
         assert out.returncode == 0 and option in out.stdout, (sub, out.stderr[-2000:])
     out = run_outside(installed, tmp_path, command, "train")
     assert out.returncode == 2 and out.stderr.strip() == (
-        "error: unknown command 'train'; choose one of: fit, prepare, generate, export"
+        "error: unknown command 'train'; choose one of: fit, prepare, generate, export, evaluate"
     )

@@ -83,7 +83,9 @@ def serriform_forward(model, ids: Tensor, state: dict | None = None) -> tuple[Te
             for i in range(c.n_layers)
         ]
         for t in range(T):
-            x = rotary_gate(p["embed.weight"][ids[b, t]], position + t, c.rope_base)
+            x = p["embed.weight"][ids[b, t]]
+            if c.positions == "rotary":  # "none": no absolute position at all
+                x = rotary_gate(x, position + t, c.rope_base)
             for i, d in enumerate(dilations):
                 q = f"blocks.{i}"
                 y = rms_norm(x, p[f"{q}.norm.weight"])

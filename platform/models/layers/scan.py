@@ -7,13 +7,102 @@ lies in [0, 1]: nothing is divided by a small power of `a`, which is what makes 
 form h_t = a^t * cumsum(a^-s * u_s) overflow on long sequences. The states entering successive chunks
 obey the same recurrence with decay a^C, so the same function solves them one level up: log_C(T)
 levels, O(T * C) work, no Python loop over time.
+
+On a GPU the same recurrence also has fused Triton kernels (scan_triton.py); `scan` picks between the
+two by a model's `scan_kernel` setting, and `use_triton_kernel` makes that choice for other callers.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .kernels import log_once
+
+log = logging.getLogger(__name__)
+
+SCAN_KERNELS = ("auto", "torch", "triton")
+"""Values of a model's `scan_kernel`: "auto" (the Triton kernels on CUDA when Triton is importable, else
+PyTorch), "torch" (always PyTorch), "triton" (the kernels or an error)."""
+
+
+def check_scan_kernel(kernel: str) -> None:
+    """A one-line error for a `scan_kernel` value that is not one of SCAN_KERNELS."""
+    if kernel not in SCAN_KERNELS:
+        raise ValueError(f"model.scan_kernel='{kernel}' is unknown; choose one of: {', '.join(SCAN_KERNELS)}")
+
+
+def use_triton_kernel(kernel: str, x: Tensor) -> bool:
+    """Whether a recurrence on `x` with the setting `kernel` runs the Triton kernels; logs each choice once.
+
+    "auto" takes them only for CUDA tensors, and only once `kernels_agree` has checked them on that device,
+    so a CPU run is the PyTorch path whatever the environment, and a GPU whose Triton cannot compile or
+    miscomputes them falls back to PyTorch with a warning instead of failing or training wrong. "triton" also
+    accepts Triton's CPU interpreter (TRITON_INTERPRET=1), which is how the kernels are tested.
+    """
+    check_scan_kernel(kernel)
+    use = False
+    if kernel == "triton" or (kernel == "auto" and x.is_cuda):
+        from . import scan_triton  # imported only here: a CPU run never loads Triton
+
+        use = scan_triton.kernel_available(x)
+        if kernel == "triton" and not use:
+            found = "not installed" if scan_triton.triton is None else f"a {x.device.type} tensor"
+            raise ValueError(
+                f"model.scan_kernel='triton' needs Triton and a CUDA device ({found}); use 'auto' or 'torch'"
+            )
+        if kernel == "auto" and use:
+            use = kernels_agree(x.device)
+    log_once(f"recurrence kernel: {'triton' if use else 'torch'} on {x.device.type} (scan_kernel='{kernel}')")
+    return use
+
+
+_VERDICTS: dict[str, bool] = {}  # device -> whether the Triton kernels passed kernels_agree there
+
+
+def kernels_agree(device: torch.device) -> bool:
+    """Once per device: do the Triton kernels compile and give linear_scan's values and gradients (fp32, a
+    small random case) here? While torch.compile traces, a device not checked yet takes the PyTorch path."""
+    key = str(device)
+    if key in _VERDICTS:
+        return _VERDICTS[key]
+    if torch.compiler.is_compiling():
+        return False
+    from .scan_triton import decayed_scan
+
+    generator = torch.Generator().manual_seed(0)
+    u, h0 = torch.randn(2, 77, 40, generator=generator), torch.randn(2, 40, generator=generator)
+    log_a = -torch.rand(40, generator=generator)
+    grads = torch.randn(2, 77, 40, generator=generator)
+    try:
+        with torch.enable_grad():
+            ours = [t.to(device, copy=True).requires_grad_() for t in (u, log_a, h0)]
+            theirs = [t.clone().requires_grad_() for t in (u, log_a, h0)]
+            h_ours, h_theirs = decayed_scan(*ours), linear_scan(*theirs)
+            h_ours.backward(grads.to(device))
+            h_theirs.backward(grads)
+        pairs = [(h_ours, h_theirs)] + [(a.grad, b.grad) for a, b in zip(ours, theirs)]
+        agree = all(torch.allclose(a.detach().cpu(), b, rtol=1e-4, atol=1e-4) for a, b in pairs)
+        reason = "they differ from the PyTorch path"
+    except Exception as e:  # a Triton or driver version that cannot compile them: the PyTorch path still can
+        agree, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not agree:
+        log.warning("recurrence kernel: the Triton kernels failed their check on %s (%s); using PyTorch", key, reason)
+    _VERDICTS[key] = agree
+    return agree
+
+
+def scan(u: Tensor, log_a: Tensor, h0: Tensor | None = None, *, kernel: str = "auto", chunk_size: int = 64) -> Tensor:
+    """`linear_scan`, or the same function by the fused Triton kernels where `kernel` selects them (see
+    use_triton_kernel); chunk_size only concerns the PyTorch path."""
+    if use_triton_kernel(kernel, u):
+        from .scan_triton import decayed_scan
+
+        return decayed_scan(u, log_a, h0)
+    return linear_scan(u, log_a, h0, chunk_size=chunk_size)
 
 
 def linear_scan(u: Tensor, log_a: Tensor, h0: Tensor | None = None, *, chunk_size: int = 64) -> Tensor:
