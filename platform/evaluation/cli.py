@@ -9,6 +9,7 @@ Also `--mode validate --checkpoint RUN`: the validation metrics of the run's own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -139,7 +140,25 @@ def evaluate(
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--output {out_dir} is a file; name a directory")
         out_dir.mkdir(parents=True, exist_ok=True)
-        _log_to(out_dir / "evaluate.log")
+    with logging_to(out_dir / "evaluate.log" if out_dir is not None and ranks.is_first else None):
+        evaluation = _evaluate_all(
+            entries, data, perplexity, retrieval, limit, batch_size, dtype, accelerator, ranks, device
+        )
+        if ranks.is_first:
+            from .report import markdown_tables, write_report
+
+            text = write_report(evaluation, out_dir) if out_dir is not None else markdown_tables(evaluation)
+            print(text)
+            if out_dir is not None:
+                log.info("wrote %s", out_dir / "report.md")
+    ranks.barrier()
+    return evaluation
+
+
+def _evaluate_all(
+    entries, data, perplexity, retrieval, limit, batch_size, dtype, accelerator, ranks, device
+) -> Evaluation:
+    """Every model in turn, on the same tokens and lengths (the first model's trained length sets the default)."""
     tokens = None
     if data.data_dir is not None:
         from .perplexity import read_tokens
@@ -157,16 +176,7 @@ def evaluate(
 
     settings = _settings(data, perplexity, retrieval, lengths, limit, dtype, accelerator, ranks, results)
     settings["seconds"] = round(time.perf_counter() - started, 1)
-    evaluation = Evaluation(results, settings)
-    if ranks.is_first:
-        from .report import markdown_tables, write_report
-
-        text = write_report(evaluation, out_dir) if out_dir is not None else markdown_tables(evaluation)
-        print(text)
-        if out_dir is not None:
-            log.info("wrote %s", out_dir / "report.md")
-    ranks.barrier()
-    return evaluation
+    return Evaluation(results, settings)
 
 
 def _evaluate_one(
@@ -280,13 +290,24 @@ def _launch(accelerator: str, devices: int) -> tuple[Ranks, str]:
     return Ranks(fabric.global_rank, fabric.world_size), str(fabric.device)
 
 
-def _log_to(path: Path) -> None:
-    """Progress and results also go to a log file beside the report."""
+@contextlib.contextmanager
+def logging_to(path: Path | None):
+    """Progress and results also go to a log file beside the report (None: nowhere else), for this call only."""
+    if path is None:
+        yield
+        return
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    root = logging.getLogger("lctrain")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    logger = logging.getLogger("lctrain")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 def _settings(data, perplexity, retrieval, lengths, limit, dtype, accelerator, ranks, results) -> dict[str, Any]:

@@ -32,12 +32,13 @@ from .sources import LoadedModel
 HEAD_CHUNK = 256  # positions per output-head call: the logits of a whole window never exist at once
 
 
-def read_tokens(data_dir: str, split: str = "val") -> np.ndarray:
-    """The token ids of one split of a prepared data directory, its shards joined in order."""
+def read_tokens(data_dir: str, split: str = "val", option: str = "--data.split") -> np.ndarray:
+    """The token ids of one split of a prepared data directory, its shards joined in order; an unknown split
+    is a one-line error naming `option`."""
     shards = TokenShards.open(data_dir)
     if split not in shards.index["splits"]:
         raise ValueError(
-            f"--data.split={split}: {data_dir} has the splits {', '.join(shards.index['splits'])}; choose one"
+            f"{option}={split}: {data_dir} has the splits {', '.join(shards.index['splits'])}; choose one of them"
         )
     arrays = shards.arrays(split)
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)

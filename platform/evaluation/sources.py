@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from ..data.tokenizer import Tokenizer, load_tokenizer
-from ..inference.loading import read_checkpoint
+from ..inference.loading import with_trained_context
 from ..models.layers.self_extend import SelfExtendConfig, as_self_extend_config
 from ..models.registry import count_parameters
-from ..training.checkpoints import META
 from ..training.init_from import read_source, source_weights
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -84,19 +83,15 @@ def default_label(entry: ModelEntry) -> str:
 def load_entry(entry: ModelEntry, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Build the model of `entry`, load its weights, and move it to `device` and `dtype`, or a one-line error."""
     source = read_source(entry.path, "--models")
-    trained_len = entry.trained_len or trained_length(source.location, source.kind)
+    trained_len = entry.trained_len or (source.data or {}).get("seq_len")
     spec = source.spec
     if entry.self_extend is not None:
-        self_extend = entry.self_extend
-        if self_extend.pretrained_len is None and trained_len is not None:
-            context = trained_len + (spec.config().__dict__.get("cache_len", 0) or 0)  # an XL cache is context too
-            self_extend = dataclasses.replace(self_extend, pretrained_len=context)
         if not hasattr(spec.config(), "self_extend"):
             raise ValueError(
                 f"--models {entry.path}: a {spec.arch} model has no RoPE attention for SelfExtend; "
                 "remove its self_extend"
             )
-        spec = spec.replace(self_extend=self_extend)
+        spec = with_trained_context(spec.replace(self_extend=entry.self_extend), trained_len)
     model = spec.build()
     model.load_state_dict(source_weights(source))
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
@@ -104,14 +99,3 @@ def load_entry(entry: ModelEntry, *, device: str = "cpu", dtype: str = "float32"
     return LoadedModel(
         default_label(entry), model, tokenizer, spec.arch, count_parameters(model), trained_len, entry.self_extend
     )
-
-
-def trained_length(location: Path, kind: str) -> int | None:
-    """The data's seq_len a checkpoint was trained with, when it records it."""
-    if kind == "checkpoint":
-        hp = read_checkpoint(location, "--models").get("datamodule_hyper_parameters") or {}
-    elif kind == "dcp":
-        hp = torch.load(location / META, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
-    else:
-        return None
-    return hp.get("seq_len")

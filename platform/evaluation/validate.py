@@ -28,11 +28,11 @@ from ..cluster.consolidate import consolidated
 from ..data.datamodule import TokenDataModule
 from ..data.tokenizer import check_same_tokenizer
 from ..inference.loading import read_checkpoint
-from ..training.checkpoints import META, damage, sharded_kind
+from ..training.checkpoints import META, damage
+from ..training.init_from import source_kind
 from ..training.module import LanguageModelModule
 
 OPTION = "--checkpoint"
-KINDS = "a run directory, a checkpoint file or a sharded checkpoint directory"
 # Module arguments that only matter for training: the weights come from the checkpoint (not from an
 # `init_from` source or a warm-start directory, which may be gone by now), nothing is backpropagated, and
 # compiling would take longer than a validation on CPU while changing only the rounding.
@@ -122,15 +122,12 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def read_training_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint at `path` with its weights under `state_dict` (a sharded one consolidated), and the
     run's config.yaml as a dict ({} where there is none), or a one-line error naming `--checkpoint`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{OPTION} {path}: no such file or directory; pass {KINDS}")
-    location = path
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
-        location = (path / "checkpoints" / "last.ckpt").resolve()
-    if location.is_file():
+    location, kind = source_kind(path, OPTION)
+    if kind == "checkpoint":
         checkpoint = read_checkpoint(location, OPTION)
-    elif (kind := sharded_kind(location)) is not None:
+    elif kind == "hf":
+        checkpoint = {}  # an export holds the model only, not the module's settings
+    else:
         reason = damage(location) if kind == "dcp" else None
         if reason is not None:
             raise ValueError(f"{OPTION} {path} is {reason}; pass another checkpoint")
@@ -138,10 +135,6 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
         if kind == "dcp":  # Lightning's meta.pt keeps what consolidation leaves out (the data settings)
             meta = torch.load(location / META, map_location="cpu", weights_only=True)
             checkpoint = {**meta, **checkpoint}
-    elif (path / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{OPTION} {path} is a run directory without checkpoints/last.ckpt; name a checkpoint")
-    else:
-        raise FileNotFoundError(f"{OPTION} {path} is a directory that holds no checkpoint; pass {KINDS}")
     if "hyper_parameters" not in checkpoint:
         raise ValueError(
             f"{OPTION} {path} does not record the module's settings (hyper_parameters); "

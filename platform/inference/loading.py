@@ -60,6 +60,16 @@ def read_checkpoint(path: str | Path, option: str = "--checkpoint") -> dict[str,
     return checkpoint
 
 
+def with_trained_context(spec: ModelSpec, trained_len: int | None) -> ModelSpec:
+    """`spec` whose SelfExtend config, if it has one without `pretrained_len`, gets the trained context: the
+    data's seq_len plus any XL cache, so SelfExtend can warn when an input grows past what it covers."""
+    self_extend = as_self_extend_config(spec.overrides.get("self_extend"))
+    if self_extend is None or self_extend.pretrained_len is not None or trained_len is None:
+        return spec
+    context = trained_len + (getattr(spec.config(), "cache_len", 0) or 0)
+    return spec.replace(self_extend=dataclasses.replace(self_extend, pretrained_len=context))
+
+
 def load_model(path: str | Path, *, device: str = "cpu", **overrides: Any) -> tuple[nn.Module, Tokenizer]:
     """Rebuild the model a checkpoint was trained with, load its weights, and its tokenizer.
 
@@ -69,11 +79,7 @@ def load_model(path: str | Path, *, device: str = "cpu", **overrides: Any) -> tu
     """
     ckpt = read_checkpoint(checkpoint_file(path))
     spec = ModelSpec.from_checkpoint(ckpt).replace(**overrides)
-    self_extend = as_self_extend_config(spec.overrides.get("self_extend"))
-    trained_len = (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len")
-    if self_extend is not None and self_extend.pretrained_len is None and trained_len is not None:
-        trained_len += spec.overrides.get("cache_len", 0) or 0
-        spec = spec.replace(self_extend=dataclasses.replace(self_extend, pretrained_len=trained_len))
+    spec = with_trained_context(spec, (ckpt.get("datamodule_hyper_parameters") or {}).get("seq_len"))
     model = spec.build()
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:

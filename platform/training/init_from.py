@@ -42,6 +42,8 @@ class WeightsSource:
     spec: ModelSpec
     tokenizer: dict[str, Any] | None
     """The tokenizer of the data the source was trained on, when the source records it."""
+    data: dict[str, Any] | None = None
+    """The data module's settings the source was trained with (its `seq_len`, ...), when it records them."""
 
 
 def source_kind(path: str | Path, option: str = OPTION) -> tuple[Path, str]:
@@ -60,26 +62,25 @@ def source_kind(path: str | Path, option: str = OPTION) -> tuple[Path, str]:
         return path, "hf"
     if (path / "checkpoints").is_dir():
         raise FileNotFoundError(f"{option} {path} is a run directory without checkpoints/last.ckpt; name a checkpoint")
-    raise FileNotFoundError(f"{option} {path} is a directory that holds no model; pass {KINDS}")
+    raise FileNotFoundError(f"{option} {path} is a directory that holds no checkpoint or exported model; pass {KINDS}")
 
 
 def read_source(path: str | Path, option: str = OPTION) -> WeightsSource:
     """The source at `path` without its weights, or a one-line error naming the path (and `option`)."""
     location, kind = source_kind(path, option)
-    if kind == "checkpoint":
-        checkpoint = read_checkpoint(location, option)  # memory-mapped: the weights are not read here
-        spec, tokenizer = ModelSpec.from_checkpoint(checkpoint), checkpoint.get("tokenizer")
-    elif kind == "dcp":
-        meta = torch.load(location / META, map_location="cpu", weights_only=True)
-        spec, tokenizer = ModelSpec.from_checkpoint(meta), meta.get("tokenizer")
-    elif kind == "deepspeed":  # the partitions hold the description too: consolidate to read it
-        checkpoint = consolidated(location)
-        spec, tokenizer = ModelSpec.from_checkpoint(checkpoint), checkpoint.get("tokenizer")
-    else:
+    if kind == "hf":
         from ..hf.reading import read_hf_config, spec_from_hf_config
 
-        spec, tokenizer = spec_from_hf_config(read_hf_config(location)), None
-    return WeightsSource(Path(path), location, kind, spec, tokenizer)
+        return WeightsSource(Path(path), location, kind, spec_from_hf_config(read_hf_config(location)), None)
+    if kind == "checkpoint":
+        described = read_checkpoint(location, option)  # memory-mapped: the weights are not read here
+    elif kind == "dcp":
+        described = torch.load(location / META, map_location="cpu", weights_only=True)
+    else:  # deepspeed: the partitions hold the description too, so consolidate to read it
+        described = consolidated(location)
+    spec = ModelSpec.from_checkpoint(described)
+    data = described.get("datamodule_hyper_parameters")
+    return WeightsSource(Path(path), location, kind, spec, described.get("tokenizer"), data)
 
 
 def source_weights(source: WeightsSource) -> dict[str, Tensor]:

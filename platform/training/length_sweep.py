@@ -17,7 +17,6 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from ..data.shards import TokenShards
 from ..data.tokenizer import load_tokenizer
 from ..evaluation.perplexity import perplexity_by_length, read_tokens
 from ..evaluation.ranks import Ranks
@@ -115,13 +114,7 @@ class LengthSweep(L.Callback):
                 "windows from; set length_sweep.every_n_validations 0"
             )
         self.seq_len = int(hparams["seq_len"])
-        splits = TokenShards.open(hparams["data_dir"]).index["splits"]
-        if self.split not in splits:
-            raise ValueError(
-                f"length_sweep.split={self.split}: {hparams['data_dir']} has the splits {', '.join(splits)}; choose "
-                "one of them"
-            )
-        self.tokens = read_tokens(hparams["data_dir"], self.split)
+        self.tokens = read_tokens(hparams["data_dir"], self.split, option="length_sweep.split")
         self.tokenizer_spec = getattr(trainer.datamodule, "tokenizer_spec", None)
         lengths = self.sweep_lengths()
         if len(self.tokens) < lengths[-1] + 1:
