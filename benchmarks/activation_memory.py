@@ -17,6 +17,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import peak_above_start
 from lctrain.cluster.planner import ACTIVATION_MODELS, PRECISION_BYTES
 from lctrain.cluster.strategies import checkpoint_blocks
 from lctrain.models.registry import build_model, config_for
@@ -42,22 +43,7 @@ def measured_activation_peak(arch: str, size: str, batch: int, seq_len: int, che
         nll, n_tokens = token_nll(out.logits, targets)
         (nll / n_tokens).backward()
         del out, nll
-    return _peak_above_start(prof)
-
-
-def _peak_above_start(prof) -> int:
-    from torch._C._profiler import _EventType
-
-    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
-            fields = event.extra_fields
-            allocations.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
-        stack.extend(event.children)
-    allocations.sort()
-    start = allocations[0][1] - allocations[0][2]  # the running total just before the first event
-    return max(total for _, total, _ in allocations) - start
+    return peak_above_start(prof)
 
 
 def estimated_activation_peak(arch: str, size: str, batch: int, seq_len: int, checkpointing: bool) -> int:

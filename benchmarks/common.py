@@ -130,3 +130,20 @@ def describe_device(device: str, dtype: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} ({dtype}, torch {torch.__version__})"
     return f"CPU, {torch.get_num_threads()} thread(s), process CPU time ({dtype}, torch {torch.__version__})"
+
+
+def peak_above_start(prof) -> int:
+    """The most bytes allocated at once during a `torch.profiler.profile(profile_memory=True)` run, above
+    what was allocated when it started: torch's own allocator accounting, on any device."""
+    from torch._C._profiler import _EventType
+
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            fields = event.extra_fields
+            allocations.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+        stack.extend(event.children)
+    allocations.sort()
+    start = allocations[0][1] - allocations[0][2]  # the running total just before the first event
+    return max(total for _, total, _ in allocations) - start

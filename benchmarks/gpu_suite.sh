@@ -22,7 +22,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 run gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 run lswt_vs_llama 50 python3 -m benchmarks.lswt_vs_llama --device cuda --dtype bfloat16 --d_model 768 \
     --n_layers 12 --n_heads 12 --d_ff 3072 --vocab_size 50272 --seq_len 2048 --batch_size 8 --repeats 3
-run train_throughput 50 python3 -m benchmarks.train_throughput --device cuda --dtype bf16 --batch-size 4 "${models[@]}"
+run train_throughput 120 python3 -m benchmarks.train_throughput --device cuda --dtype bf16 --batch-size 4 \
+    --lengths 2048 4096 8192 16384 --scan-kernels torch triton "${models[@]}"
+run kernel_memory 60 python3 -m benchmarks.kernel_memory --device cuda --dtype bf16 --batch-size 4 \
+    --lengths 2048 4096 8192 16384 32768 "${models[@]}"
 run decode_latency 50 python3 -m benchmarks.decode_latency --device cuda --dtype bf16 "${models[@]}"
 run self_extend_memory 40 python3 -m benchmarks.self_extend_memory --device cuda --lengths 4096 16384 32768 \
     --block-size 2048

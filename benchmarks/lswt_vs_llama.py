@@ -26,8 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.activation_memory import _peak_above_start
-from benchmarks.common import markdown_table, seconds
+from benchmarks.common import markdown_table, peak_above_start, seconds
 from lctrain.models import build_model, count_parameters
 
 SEED = "LSWT seed configuration (16 registers, reversed RoPE, projections)"
@@ -84,7 +83,7 @@ def peak_training_bytes(model, tokens) -> int:
         logits = model(tokens[:, :-1]).logits
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         del logits
-    return _peak_above_start(prof)
+    return peak_above_start(prof)
 
 
 @torch.inference_mode()

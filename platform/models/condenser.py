@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .contract import exclude_from_weight_decay
 from .layers.norm import RMSNorm
-from .layers.scan import use_triton_kernel
+from .layers.scan import scan, use_triton_kernel
 from .output import ModelState, zero_rows
 from .seqcond_config import SeqCondConfig
 
@@ -70,17 +70,99 @@ def decayed_prefix_sum(values: Tensor, log_decay: Tensor, initial: Tensor | None
     return out.reshape(B, n * C, K, D)[:, :T]  # (B, T, K, D)
 
 
-def condense(values: Tensor, log_decay: Tensor, initial: Tensor | None, chunk_size: int, kernel: str) -> Tensor:
-    """`decayed_prefix_sum`, or the same sums by the fused Triton scan where `kernel` (a scan_kernel
-    setting) selects it: the K heads of D channels become K * D channels, each head's decay repeated."""
-    if not use_triton_kernel(kernel, values):
-        return decayed_prefix_sum(values, log_decay, initial, chunk_size)
-    from .layers.scan_triton import decayed_scan
+def condense_and_read(
+    keys: Tensor,
+    weights: Tensor,
+    log_decay: Tensor,
+    queries: Tensor,
+    condenser: SequenceCondenser,
+    initial: CondenserState | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The condensed state read by the queries, o (B, T, K, 2, H) ([Re, Im] per memory head), and the last
+    sums (Re S, Im S (B, K, H, M), den (B, K)) to carry on; by the fused Triton kernel where the condenser's
+    `scan_kernel` selects it (checked once per device by `kernel_pairs`), else by `condense_and_read_torch`.
 
-    B, T, K, D = values.shape
-    flat_initial = None if initial is None else initial.reshape(B, K * D)  # (B, K * D)
-    sums = decayed_scan(values.reshape(B, T, K * D), log_decay.repeat_interleave(D), flat_initial)  # (B, T, K * D)
-    return sums.view(B, T, K, D)
+    keys (B, T, K, H) and the token weights p (B, T, K) in fp32; log_decay (K,); queries (B, T, Kq, H, M, 2).
+    """
+    args = (keys, weights, log_decay, queries, condenser, initial)
+    if use_triton_kernel(condenser.config.scan_kernel, keys, "condenser", kernel_pairs):
+        return condense_and_read_triton(*args)
+    return condense_and_read_torch(*args)
+
+
+def condense_and_read_torch(keys, weights, log_decay, queries, condenser, initial):
+    """`condense_and_read` in PyTorch: every (B, T, K, H, M) term as a tensor, the sums by decayed_prefix_sum."""
+    B, T, K, H = keys.shape
+    Kq, M = condenser.Kq, condenser.M
+    squashed = F.softsign(_wide(condenser.phase_scale)[:, None] * keys)  # (B, T, K, H)
+    phase = squashed[..., None] * condenser.frequencies()  # (B, T, K, H, M)
+    amplitude = (weights[..., None] * keys)[..., None]  # (B, T, K, H, 1)
+    values = torch.cat(
+        [(amplitude * phase.cos()).flatten(3), (amplitude * phase.sin()).flatten(3), weights[..., None]], dim=-1
+    )  # (B, T, K, 2HM + 1): real parts, imaginary parts, normaliser
+    if initial is not None:
+        initial = torch.cat([initial.re.flatten(2), initial.im.flatten(2), initial.den[..., None]], dim=-1)
+    chunk = T if condenser.config.use_square_matrix else condenser.config.chunk_size
+    sums = decayed_prefix_sum(values, log_decay, initial, chunk)  # (B, T, K, 2HM + 1)
+    re, im, den = sums.split([H * M, H * M, 1], dim=-1)
+    last = (re[:, -1].reshape(B, K, H, M), im[:, -1].reshape(B, K, H, M), den[:, -1, :, 0])
+
+    # o = sum_m w_m S_m conj(q_m) / sqrt(H), S = sum / max(den, 1e-4): the division comes after the sum over
+    # m, on tensors M times smaller.
+    num = torch.complex(re, im).view(B, T, Kq, K // Kq, H, M)
+    q = _wide(queries).view(B, T, Kq, 1, H, M, 2)  # broadcast over the memory heads of each query head
+    q = torch.complex(q[..., 0], q[..., 1])  # (B, T, Kq, 1, H, M)
+    o = (num * q.conj() * condenser.integration_weights()).sum(-1)  # (B, T, Kq, K / Kq, H)
+    o = o / (den.clamp_min(DEN_FLOOR) * math.sqrt(H)).view(B, T, Kq, K // Kq, 1)
+    return torch.stack([o.real, o.imag], dim=-2).view(B, T, K, 2, H), last
+
+
+def condense_and_read_triton(keys, weights, log_decay, queries, condenser, initial):
+    """`condense_and_read` by the fused kernel (condenser_triton.py), which keeps no (B, T, K, H, M) tensor;
+    the normaliser, one channel per head, by the recurrence kernel."""
+    from .condenser_triton import condense_and_read_fused
+
+    B, T, K, H = keys.shape
+    den_0 = None if initial is None else initial.den
+    den = scan(weights, log_decay, den_0, kernel=condenser.config.scan_kernel)  # (B, T, K), checked on its own
+    readout, re, im = condense_and_read_fused(
+        keys,
+        weights,
+        condenser.frequencies(),
+        _wide(condenser.phase_scale),
+        condenser.integration_weights().reshape(K, H, condenser.M),
+        log_decay,
+        queries,
+        None if initial is None else initial.re,
+        None if initial is None else initial.im,
+    )  # (B, T, K, 2, H)
+    o = readout / (den.clamp_min(DEN_FLOOR) * math.sqrt(H))[..., None, None]
+    return o, (re, im, den[:, -1])
+
+
+def kernel_pairs(device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """The check `use_triton_kernel` runs once per device: a small random condenser (two query heads over
+    four memory heads, one an anchor head) from a state, its output and every input's gradient, by the
+    fused kernel on `device` against PyTorch on CPU."""
+    config = SeqCondConfig(d_model=32, expand_factor=1.0, seqcond_heads=4, num_query_heads=2, num_anchor_heads=1)
+    reference = SequenceCondenser(dataclasses.replace(config, scan_kernel="torch"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    fused = SequenceCondenser(dataclasses.replace(config, scan_kernel="triton")).to(device)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 45, 32, generator=generator)
+    with torch.no_grad():
+        _, state = reference(torch.randn(2, 7, 32, generator=generator))
+    grad = torch.randn(2, 45, 32, generator=generator)
+    results = []
+    for model, where in ((fused, device), (reference, torch.device("cpu"))):
+        inputs = x.to(where, copy=True).requires_grad_()
+        y, new = model(inputs, state.to(where))
+        y.backward(grad.to(where))
+        results.append([y, new.re, new.im, new.den, inputs.grad, *(p.grad for p in model.parameters())])
+    return list(zip(*results))
 
 
 class SequenceCondenser(nn.Module):
@@ -188,36 +270,11 @@ class SequenceCondenser(nn.Module):
         anchor_log = torch.where(is_anchor, -lam * positions[..., None], torch.zeros_like(lam))  # (B, T, K)
         weights = self.token_weights(scores) * torch.exp(anchor_log)  # (B, T, K)
 
-        phase = F.softsign(_wide(self.phase_scale)[:, None] * keys)[..., None] * self.frequencies()  # (B, T, K, H, M)
-        amplitude = (weights[..., None] * keys)[..., None]  # (B, T, K, H, 1)
-        values = torch.cat(
-            [(amplitude * phase.cos()).flatten(3), (amplitude * phase.sin()).flatten(3), weights[..., None]], dim=-1
-        )  # (B, T, K, 2HM + 1): real parts, imaginary parts, normaliser
-        initial = None
-        if state is not None:
-            initial = torch.cat(
-                [state.re.flatten(2), state.im.flatten(2), state.den[..., None]], dim=-1
-            )  # (B, K, 2HM+1)
-        chunk = T if self.config.use_square_matrix else self.config.chunk_size
-        sums = condense(values, log_decay, initial, chunk, self.config.scan_kernel)  # (B, T, K, 2HM + 1)
-        re, im, den = sums.split([H * M, H * M, 1], dim=-1)
+        queries = queries.view(B, T, Kq, H, M, 2)
+        o, (re, im, den) = condense_and_read(keys, weights, log_decay, queries, self, state)  # (B, T, K, 2, H)
         # Copies, so that a state does not keep the whole call's (B, T, ...) tensors alive.
-        new_state = CondenserState(
-            conv_tail.clone(),
-            den[:, -1, :, 0].clone(),
-            re[:, -1].reshape(B, K, H, M).clone(),
-            im[:, -1].reshape(B, K, H, M).clone(),
-            start + T,
-        )
-
-        # Condensed state S = sum / max(den, 1e-4), read by its query head: o = sum_m w_m S_m conj(q_m) / sqrt(H).
-        # The division is applied after the sum over m, on tensors M times smaller.
-        num = torch.complex(re, im).view(B, T, Kq, K // Kq, H, M)
-        q = _wide(queries).view(B, T, Kq, 1, H, M, 2)  # broadcast over the memory heads of each query head
-        q = torch.complex(q[..., 0], q[..., 1])  # (B, T, Kq, 1, H, M)
-        o = (num * q.conj() * self.integration_weights()).sum(-1)  # (B, T, Kq, K / Kq, H)
-        o = o / (den.clamp_min(DEN_FLOOR) * math.sqrt(H)).view(B, T, Kq, K // Kq, 1)
-        o = torch.cat([o.real, o.imag], dim=-1).view(B, T, K * 2 * H)  # per head [Re (H), Im (H)]
+        new_state = CondenserState(conv_tail.clone(), den.clone(), re.clone(), im.clone(), start + T)
+        o = o.view(B, T, K * 2 * H)  # per head [Re (H), Im (H)]
 
         y = self.norm(o * _wide(F.silu(self.gate(x)))).to(x.dtype)  # gated RMSNorm in fp32, cast back
         y = torch.einsum("btkc,kce->btke", y.view(B, T, K, 2 * H), self.readout)  # (B, T, K, 2E)

@@ -17,11 +17,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by test_scan_triton.py with TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from lctrain.models.condenser import condense, decayed_prefix_sum  # noqa: E402
+from lctrain.models.condenser import kernel_pairs  # noqa: E402
+from lctrain.models.condenser_triton import condense_and_read_fused  # noqa: E402
 from lctrain.models.layers.scan import linear_scan, scan  # noqa: E402
 from lctrain.models.layers.scan_triton import decayed_scan, kernel_available  # noqa: E402
 from tests.models.test_seqcond import ids, seqcond, step_by_step  # noqa: E402
 from tests.models.test_serriform import tiny_model, tokens  # noqa: E402
+from tests.reference.seqcond import condensed_readout_loop  # noqa: E402
 from tests.reference.serriform import recurrence_loop  # noqa: E402
 
 
@@ -86,20 +88,80 @@ def test_dispatcher_picks_the_kernel_for_triton_and_pytorch_for_auto_on_cpu():
         assert torch.equal(scan(u, log_a, h0, kernel="auto", chunk_size=8), linear_scan(u, log_a, h0, chunk_size=8))
 
 
-@pytest.mark.parametrize("with_initial", [True, False], ids=["initial", "zero-start"])
-def test_condenser_sums_by_the_kernel_equal_decayed_prefix_sum(with_initial):
-    """Heads of D channels share a decay (the last an anchor head at 0); values and gradients agree in fp64."""
-    g = torch.Generator().manual_seed(5)
-    B, T, K, D = 2, 31, 3, 7
-    values = torch.randn(B, T, K, D, generator=g, dtype=torch.float64, requires_grad=True)
-    log_decay = torch.tensor([-0.7, -0.05, 0.0], dtype=torch.float64, requires_grad=True)
-    initial = torch.randn(B, K, D, generator=g, dtype=torch.float64, requires_grad=True) if with_initial else None
-    grad_out = torch.randn(B, T, K, D, dtype=torch.float64)
-    got, got_grads = value_and_grads(lambda *a: condense(*a, 8, "triton"), values, log_decay, initial, grad_out)
-    want, want_grads = value_and_grads(lambda *a: decayed_prefix_sum(*a, 8), values, log_decay, initial, grad_out)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * want.abs().max().item())
-    for g_, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g_, w, rtol=0, atol=1e-12 * w.abs().max().item())
+def condenser_problem(B, T, K, Kq, H, M, with_initial, seed=0):
+    """The fused condenser's inputs in float64: random keys, weights from 1e-4 to 5000 as the clip allows,
+    frequencies in (0.001, 3], one anchor head (log decay 0) among decaying ones, and optionally a state."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, low=-1.0, high=1.0):
+        return (low + (high - low) * torch.rand(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    log_decay = torch.cat([-torch.rand(K - 1, generator=g, dtype=torch.float64) * 0.8, torch.zeros(1)])
+    inputs = dict(
+        keys=rand(B, T, K, H, low=-2, high=2),
+        weights=torch.exp(rand(B, T, K, low=-9.2, high=8.5)).detach().requires_grad_(),
+        theta=rand(K, H, M, low=0.001, high=3),
+        phase_scale=rand(K, low=0.5, high=2),
+        integration=torch.softmax(rand(K, H, M), -1).detach().requires_grad_(),
+        log_decay=log_decay.requires_grad_(),
+        queries=rand(B, T, Kq, H, M, 2),
+        initial_re=rand(B, K, H, M) if with_initial else None,
+        initial_im=rand(B, K, H, M) if with_initial else None,
+    )
+    return inputs
+
+
+def fused_and_loop(inputs, seed=1):
+    """Both computations' outputs, and the gradients of one random linear function of all three outputs."""
+    results = []
+    for fn in (condense_and_read_fused, condensed_readout_loop):
+        outputs = fn(**inputs)
+        g = torch.Generator().manual_seed(seed)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outputs)
+        leaves = [v for v in inputs.values() if v is not None]
+        results.append((outputs, torch.autograd.grad(loss, leaves)))
+    return results
+
+
+@pytest.mark.parametrize(
+    "T, K, Kq, H, M, with_initial",
+    [(1, 2, 2, 2, 2, True), (13, 3, 3, 3, 2, True), (9, 4, 2, 2, 3, False), (6, 2, 1, 1, 1, True)],
+    ids=["one-step", "tiles-and-channel-blocks", "shared-queries", "one-channel"],
+)
+def test_fused_condenser_and_its_gradients_match_the_float64_step_loop(T, K, Kq, H, M, with_initial):
+    """The readout, the last state and the gradients of every input (keys, weights, frequencies, phase
+    scale, integration weights, decays, queries, state) equal autograd through the complex128 loop to 1e-12
+    of their scale; time crosses 4-step tiles and channels cross blocks in the interpreter's tile sizes."""
+    inputs = condenser_problem(2, T, K, Kq, H, M, with_initial)
+    (got, got_grads), (want, want_grads) = fused_and_loop(inputs)
+    assert got[0].shape == (2, T, K, 2, H) and got[0].dtype == torch.float64
+    names = [name for name, v in inputs.items() if v is not None]
+    for name, g, w in zip(["readout", "last Re S", "last Im S"] + names, got + got_grads, want + want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12 * max(w.abs().max().item(), 1.0), msg=name)
+
+
+def test_fused_condenser_at_the_gpu_tile_sizes(monkeypatch):
+    """One problem with the GPU's tiles (16 steps by 64 channels), crossing a tile in time, against the loop."""
+    from lctrain.models import condenser_triton
+
+    for name, value in condenser_triton.GPU_TILES.items():
+        monkeypatch.setattr(condenser_triton, name, value)
+    (got, got_grads), (want, want_grads) = fused_and_loop(condenser_problem(1, 21, 2, 1, 20, 4, True, seed=4))
+    for g, w in zip(got + got_grads, want + want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12 * max(w.abs().max().item(), 1.0))
+
+
+def test_fused_condenser_keeps_the_dtype_contract():
+    """fp32 keys and bf16 queries: outputs in fp32, each gradient in its input's dtype, values as in fp64."""
+    inputs = condenser_problem(2, 10, 2, 2, 2, 2, True, seed=2)
+    low = {k: None if v is None else v.detach().float().requires_grad_() for k, v in inputs.items()}
+    low["queries"] = inputs["queries"].detach().bfloat16().requires_grad_()
+    outputs = condense_and_read_fused(**low)
+    assert [o.dtype for o in outputs] == [torch.float32] * 3
+    grads = torch.autograd.grad(outputs[0].sum(), [v for v in low.values() if v is not None])
+    assert [g.dtype for g in grads] == [v.dtype for v in low.values() if v is not None]
+    reference = condensed_readout_loop(**{k: None if v is None else v.detach().double() for k, v in low.items()})
+    torch.testing.assert_close(outputs[0].double(), reference[0], rtol=0, atol=1e-5 * reference[0].abs().max().item())
 
 
 def test_seqcond_on_the_kernel_decodes_like_its_forward_and_like_pytorch():
@@ -111,6 +173,20 @@ def test_seqcond_on_the_kernel_decodes_like_its_forward_and_like_pytorch():
     full = model(x).logits
     torch.testing.assert_close(full, reference(x).logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(step_by_step(model, x, prefill=15), full, rtol=0, atol=1e-10)
+
+
+def test_training_gradients_through_seqcond_match_the_pytorch_path():
+    """One loss, every parameter's gradient, from a carried state: the fused kernel's backward in a model."""
+    small = dict(d_model=32, expand_factor=1.0, seqcond_heads=4, num_query_heads=2, num_anchor_heads=1)
+    grads = []
+    for kernel in ("triton", "torch"):
+        model = seqcond(torch.float64, scan_kernel=kernel, **small).train()
+        with torch.no_grad():
+            state = model(ids(2, 5)).state
+        loss = model(ids(2, 19), state=state).logits.square().mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * max(want.abs().max().item(), 1.0))
 
 
 def test_serriform_on_the_kernel_decodes_like_its_forward_and_like_pytorch():
@@ -143,9 +219,8 @@ def test_the_gpu_tile_sizes_give_the_same_results(monkeypatch):
     a tile boundary in time and in channels, against the float64 loop."""
     from lctrain.models.layers import scan_triton
 
-    monkeypatch.setattr(scan_triton, "BLOCK_C", 32)
-    monkeypatch.setattr(scan_triton, "MIN_BLOCK_T", 16)
-    monkeypatch.setattr(scan_triton, "MAX_BLOCK_T", 64)
+    for name, value in scan_triton.GPU_TILES.items():
+        monkeypatch.setattr(scan_triton, name, value)
     u, log_a, h0 = problem(1, 70, 33, torch.float64, with_h0=True, seed=7)
     grad_out = torch.randn(1, 70, 33, dtype=torch.float64)
 
@@ -165,7 +240,7 @@ def test_auto_checks_the_kernels_once_per_device_and_falls_back_when_they_fail(m
     from lctrain.models.layers import scan_triton
 
     monkeypatch.setattr(scan_module, "_VERDICTS", {})
-    assert scan_module.kernels_agree(torch.device("cpu")) and scan_module._VERDICTS == {"cpu": True}
+    assert scan_module.kernels_agree(torch.device("cpu")) and scan_module._VERDICTS == {"recurrence on cpu": True}
     monkeypatch.setattr(scan_module, "_VERDICTS", {})
     monkeypatch.setattr(scan_triton, "decayed_scan", lambda u, log_a, h0: decayed_scan(u, log_a, h0) * 1.01)
     with caplog.at_level("WARNING"):
@@ -174,3 +249,46 @@ def test_auto_checks_the_kernels_once_per_device_and_falls_back_when_they_fail(m
     monkeypatch.setattr(scan_module, "_VERDICTS", {})
     monkeypatch.setattr(scan_triton, "decayed_scan", lambda *args: 1 / 0)
     assert not scan_module.kernels_agree(torch.device("cpu")) and "ZeroDivisionError" in caplog.text
+
+
+def test_auto_checks_the_fused_condenser_on_its_own(monkeypatch, caplog):
+    """The condenser's check (kernel_pairs: outputs, state and every gradient of a small random condenser)
+    passes on the interpreted kernel, fails on one whose real parts are 1% off, and is remembered apart
+    from the recurrence's."""
+    from lctrain.models import condenser_triton
+    from lctrain.models.layers import scan as scan_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(scan_module, "_VERDICTS", {"recurrence on cpu": True})
+    assert scan_module.kernels_agree(cpu, "condenser", kernel_pairs)
+    assert scan_module._VERDICTS == {"recurrence on cpu": True, "condenser on cpu": True}
+    monkeypatch.setattr(scan_module, "_VERDICTS", {"recurrence on cpu": True})
+    real = condenser_triton.condense_and_read_fused
+
+    def off(*args):
+        readout, re, im = real(*args)
+        return readout * torch.tensor([1.01, 1.0], dtype=readout.dtype)[:, None], re, im  # (2, 1): Re, Im
+
+    monkeypatch.setattr(condenser_triton, "condense_and_read_fused", off)
+    with caplog.at_level("WARNING"):
+        assert not scan_module.kernels_agree(cpu, "condenser", kernel_pairs)
+    assert "condenser kernel: the Triton kernels failed their check on cpu" in caplog.text
+
+
+def test_a_step_allocates_the_same_with_the_kernel_launches_skipped(monkeypatch):
+    """benchmarks/kernel_memory.py measures the fused paths' memory on CPU with the launches skipped; the
+    allocator's peak of a training step is that of the (interpreted) kernels running, to within the
+    interpreter's own few small allocations (1 KiB of 0.9 MiB here)."""
+    from benchmarks import kernel_memory
+    from lctrain.models import condenser_triton
+    from lctrain.models.layers import scan_triton
+
+    model = seqcond(scan_kernel="triton", n_layers=2, seqcond_ratio=2).train()  # a condenser, then attention
+    x = ids(1, 10)
+    kernel_memory.step(model, x)  # first-call allocations out of the way
+    peaks = [kernel_memory.activation_peak(model, x, cuda=False)]
+    for module in (condenser_triton, scan_triton):
+        for name in ("_forward_kernel", "_backward_kernel"):
+            monkeypatch.setattr(module, name, kernel_memory._SkippedLaunch())
+    peaks.append(kernel_memory.activation_peak(model, x, cuda=False))
+    assert peaks[1] > 0 and abs(peaks[0] - peaks[1]) <= 0.005 * peaks[0]

@@ -9,6 +9,7 @@ the PyTorch path at training shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lctrain.models.condenser import condense, decayed_prefix_sum
 from lctrain.models.layers.scan import linear_scan, scan
 from lctrain.models.seqcond_config import SeqCondConfig
 from lctrain.models.serriform import SerriformConfig
@@ -55,8 +55,10 @@ def test_auto_on_cpu_is_the_pytorch_path_exactly():
     g = torch.Generator().manual_seed(0)
     u, log_a, h0 = torch.randn(2, 40, 6, generator=g), -torch.rand(6, generator=g), torch.randn(2, 6, generator=g)
     assert torch.equal(scan(u, log_a, h0, chunk_size=16), linear_scan(u, log_a, h0, chunk_size=16))
-    values, log_decay = torch.randn(2, 40, 3, 5, generator=g), -torch.rand(3, generator=g)
-    assert torch.equal(condense(values, log_decay, None, 16, "auto"), decayed_prefix_sum(values, log_decay, None, 16))
+    from tests.models.test_seqcond import ids, seqcond
+
+    auto, torch_path = seqcond(scan_kernel="auto"), seqcond(scan_kernel="torch")
+    assert torch.equal(auto(ids(2, 40)).logits, torch_path(ids(2, 40)).logits)
 
 
 def test_the_module_imports_and_reports_no_kernels_without_triton():
@@ -64,6 +66,13 @@ def test_the_module_imports_and_reports_no_kernels_without_triton():
         "import sys; sys.modules['triton'] = None; import platform, torch\n"
         "from lctrain.models.layers import scan_triton\n"
         "assert scan_triton.triton is None and not scan_triton.kernel_available(torch.zeros(1))\n"
+        "from lctrain.models import condenser_triton\n"
+        "try:\n"
+        "    condenser_triton.condense_and_read_fused(*[None] * 9)\n"
+        "except ImportError as e:\n"
+        "    assert 'needs Triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
         "from lctrain.models.layers.scan import scan\n"
         "try:\n"
         "    scan(torch.zeros(1, 2, 3), torch.zeros(3), kernel='triton')\n"
@@ -141,12 +150,49 @@ def test_cuda_models_on_the_kernel_match_pytorch_in_training_and_decoding(arch, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_compiled_serriform_on_the_kernel_matches_eager():
-    """torch.compile traces the kernels' autograd.Function: same logits and gradients as eager."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, T, width", [(4, 2048, 512), (2, 3000, 256)])
+def test_cuda_fused_condenser_matches_pytorch_at_training_shapes(B, T, width, dtype):
+    """One condenser layer (heads of the size configs: 8 memory heads, 4 frequencies; one anchor head) from a
+    state: output, state and every gradient by the fused kernel against the PyTorch path, both on the GPU."""
+    from lctrain.models.condenser import SequenceCondenser
+
+    config = SeqCondConfig(d_model=width, seqcond_heads=8, num_anchor_heads=1)
+    torch.manual_seed(0)
+    layers = {
+        kernel: SequenceCondenser(dataclasses.replace(config, scan_kernel=kernel)) for kernel in ("triton", "torch")
+    }
+    layers["triton"].load_state_dict(layers["torch"].state_dict())
+    x = torch.randn(B, T, width, device="cuda", dtype=dtype)
+    grad = torch.randn(B, T, width, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        _, state = layers["torch"].to("cuda", dtype)(x[:, :100])
+    results = {}
+    for kernel, layer in layers.items():
+        layer.to("cuda", dtype)
+        inputs = x.clone().requires_grad_()
+        y, new = layer(inputs, state)
+        y.backward(grad)
+        results[kernel] = [y, new.re, new.im, new.den, inputs.grad, *(p.grad for p in layer.parameters())]
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
+        error = (got.float() - want.float()).abs().max().item()
+        assert error <= tolerance * max(want.float().abs().max().item(), 1e-6), (i, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["serriform", "seqcond"])
+def test_cuda_compiled_model_on_the_kernels_matches_eager(arch):
+    """torch.compile traces the kernels' autograd.Functions: same logits and gradients as eager."""
+    from tests.models.test_seqcond import ids, seqcond
     from tests.models.test_serriform import tiny_model, tokens
 
-    model = tiny_model(scan_kernel="triton", use_moe=False).cuda().train()
-    x = tokens(2, 200).cuda()
+    if arch == "serriform":
+        model, x = tiny_model(scan_kernel="triton", use_moe=False), tokens(2, 200)
+    else:
+        model, x = seqcond(scan_kernel="triton"), ids(2, 200)
+    model, x = model.cuda().train(), x.cuda()
     results = []
     for fn in (model, torch.compile(model)):
         logits = fn(x).logits

@@ -96,3 +96,39 @@ def condenser(
     y = torch.einsum("btkc,kce->btke", y.reshape(B, T, K, 2 * H), params["readout"])
     a = y[..., :E] * torch.sigmoid(y[..., E:])
     return a.reshape(B, T, K * E) @ params["out.weight"].T, den, num
+
+
+def condensed_readout_loop(
+    keys: Tensor,
+    weights: Tensor,
+    theta: Tensor,
+    phase_scale: Tensor,
+    integration: Tensor,
+    log_decay: Tensor,
+    queries: Tensor,
+    initial_re: Tensor | None,
+    initial_im: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The condenser's recurrence and un-normalised readout, one step at a time, in complex128:
+
+        S_t = a S_{t-1} + p_t x_t e^{i softsign(c x_t) theta},   r_t = sum_m w S_t conj(q_t)
+
+    keys (B, T, K, H), weights (B, T, K), theta and integration (K, H, M), phase_scale and log_decay (K,),
+    queries (B, T, Kq, H, M, 2); returns r (B, T, K, 2, H) as [Re, Im] and the last Re S, Im S (B, K, H, M).
+    """
+    B, T, K, H = keys.shape
+    rep = K // queries.shape[2]
+    a = torch.exp(log_decay)[:, None, None]  # (K, 1, 1)
+    S = torch.zeros(B, K, *theta.shape[1:], dtype=torch.complex128)
+    if initial_re is not None:
+        S = torch.complex(initial_re, initial_im)
+    readout = []
+    for t in range(T):
+        x = keys[:, t]  # (B, K, H)
+        u = phase_scale[:, None] * x
+        phase = (u / (1 + u.abs()))[..., None] * theta  # (B, K, H, M)
+        S = a * S + (weights[:, t, :, None, None] * x[..., None]) * torch.exp(1j * phase)
+        q = queries[:, t].repeat_interleave(rep, dim=1)  # (B, K, H, M, 2): each memory head's query head
+        r = (integration * S * torch.complex(q[..., 0], q[..., 1]).conj()).sum(-1)  # (B, K, H)
+        readout.append(torch.stack([r.real, r.imag], dim=-2))  # (B, K, 2, H)
+    return torch.stack(readout, dim=1), S.real, S.imag

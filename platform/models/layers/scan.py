@@ -15,6 +15,7 @@ two by a model's `scan_kernel` setting, and `use_triton_kernel` makes that choic
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +36,14 @@ def check_scan_kernel(kernel: str) -> None:
         raise ValueError(f"model.scan_kernel='{kernel}' is unknown; choose one of: {', '.join(SCAN_KERNELS)}")
 
 
-def use_triton_kernel(kernel: str, x: Tensor) -> bool:
-    """Whether a recurrence on `x` with the setting `kernel` runs the Triton kernels; logs each choice once.
+def use_triton_kernel(kernel: str, x: Tensor, op: str = "recurrence", pairs: Pairs | None = None) -> bool:
+    """Whether `op` on `x` with the setting `kernel` runs its Triton kernels; logs each choice once.
 
-    "auto" takes them only for CUDA tensors, and only once `kernels_agree` has checked them on that device,
-    so a CPU run is the PyTorch path whatever the environment, and a GPU whose Triton cannot compile or
-    miscomputes them falls back to PyTorch with a warning instead of failing or training wrong. "triton" also
-    accepts Triton's CPU interpreter (TRITON_INTERPRET=1), which is how the kernels are tested.
+    "auto" takes them only for CUDA tensors, and only once `kernels_agree` has checked them on that device
+    (with `pairs`, the op's own check; the recurrence's by default), so a CPU run is the PyTorch path whatever
+    the environment, and a GPU whose Triton cannot compile or miscomputes them falls back to PyTorch with a
+    warning instead of failing or training wrong. "triton" also accepts Triton's CPU interpreter
+    (TRITON_INTERPRET=1), which is how the kernels are tested.
     """
     check_scan_kernel(kernel)
     use = False
@@ -55,44 +57,54 @@ def use_triton_kernel(kernel: str, x: Tensor) -> bool:
                 f"model.scan_kernel='triton' needs Triton and a CUDA device ({found}); use 'auto' or 'torch'"
             )
         if kernel == "auto" and use:
-            use = kernels_agree(x.device)
-    log_once(f"recurrence kernel: {'triton' if use else 'torch'} on {x.device.type} (scan_kernel='{kernel}')")
+            use = kernels_agree(x.device, op, pairs or recurrence_pairs)
+    log_once(f"{op} kernel: {'triton' if use else 'torch'} on {x.device.type} (scan_kernel='{kernel}')")
     return use
 
 
-_VERDICTS: dict[str, bool] = {}  # device -> whether the Triton kernels passed kernels_agree there
+Pairs = Callable[[torch.device], list[tuple[Tensor, Tensor]]]
+"""An op's check: on a device, run a small random case through its kernels and through PyTorch (on CPU),
+and return (kernel's, PyTorch's) pairs of outputs and gradients that must agree."""
+
+_VERDICTS: dict[str, bool] = {}  # "op on device" -> whether that op's Triton kernels passed kernels_agree there
 
 
-def kernels_agree(device: torch.device) -> bool:
-    """Once per device: do the Triton kernels compile and give linear_scan's values and gradients (fp32, a
-    small random case) here? While torch.compile traces, a device not checked yet takes the PyTorch path."""
-    key = str(device)
+def kernels_agree(device: torch.device, op: str = "recurrence", pairs: Pairs | None = None) -> bool:
+    """Once per op and device: do the op's Triton kernels compile and give the PyTorch path's values and
+    gradients (fp32, the small random case of `pairs`) here? While torch.compile traces, a device not
+    checked yet takes the PyTorch path."""
+    key = f"{op} on {device}"
     if key in _VERDICTS:
         return _VERDICTS[key]
     if torch.compiler.is_compiling():
         return False
+    try:
+        with torch.enable_grad():
+            found = (pairs or recurrence_pairs)(device)
+        agree = all(torch.allclose(a.detach().cpu(), b, rtol=1e-4, atol=1e-4) for a, b in found)
+        reason = "they differ from the PyTorch path"
+    except Exception as e:  # a Triton or driver version that cannot compile them: the PyTorch path still can
+        agree, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not agree:
+        log.warning("%s kernel: the Triton kernels failed their check on %s (%s); using PyTorch", op, device, reason)
+    _VERDICTS[key] = agree
+    return agree
+
+
+def recurrence_pairs(device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """`decayed_scan` on `device` against `linear_scan` on CPU: states and the gradients of u, log a and h0."""
     from .scan_triton import decayed_scan
 
     generator = torch.Generator().manual_seed(0)
     u, h0 = torch.randn(2, 77, 40, generator=generator), torch.randn(2, 40, generator=generator)
     log_a = -torch.rand(40, generator=generator)
     grads = torch.randn(2, 77, 40, generator=generator)
-    try:
-        with torch.enable_grad():
-            ours = [t.to(device, copy=True).requires_grad_() for t in (u, log_a, h0)]
-            theirs = [t.clone().requires_grad_() for t in (u, log_a, h0)]
-            h_ours, h_theirs = decayed_scan(*ours), linear_scan(*theirs)
-            h_ours.backward(grads.to(device))
-            h_theirs.backward(grads)
-        pairs = [(h_ours, h_theirs)] + [(a.grad, b.grad) for a, b in zip(ours, theirs)]
-        agree = all(torch.allclose(a.detach().cpu(), b, rtol=1e-4, atol=1e-4) for a, b in pairs)
-        reason = "they differ from the PyTorch path"
-    except Exception as e:  # a Triton or driver version that cannot compile them: the PyTorch path still can
-        agree, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if not agree:
-        log.warning("recurrence kernel: the Triton kernels failed their check on %s (%s); using PyTorch", key, reason)
-    _VERDICTS[key] = agree
-    return agree
+    ours = [t.to(device, copy=True).requires_grad_() for t in (u, log_a, h0)]
+    theirs = [t.clone().requires_grad_() for t in (u, log_a, h0)]
+    h_ours, h_theirs = decayed_scan(*ours), linear_scan(*theirs)
+    h_ours.backward(grads.to(device))
+    h_theirs.backward(grads)
+    return [(h_ours, h_theirs)] + [(a.grad, b.grad) for a, b in zip(ours, theirs)]
 
 
 def scan(u: Tensor, log_a: Tensor, h0: Tensor | None = None, *, kernel: str = "auto", chunk_size: int = 64) -> Tensor:

@@ -33,8 +33,9 @@ except ImportError:  # the PyTorch path needs nothing from here
 # and one parallel scan per tile. The interpreter scans element by element in Python, so it gets small
 # tiles, which also put more tile boundaries into short test sequences.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_C = 8 if INTERPRETED else 32
-MIN_BLOCK_T, MAX_BLOCK_T = (1, 16) if INTERPRETED else (16, 64)
+GPU_TILES = {"BLOCK_C": 32, "MIN_BLOCK_T": 16, "MAX_BLOCK_T": 64}
+BLOCK_C = 8 if INTERPRETED else GPU_TILES["BLOCK_C"]
+MIN_BLOCK_T, MAX_BLOCK_T = (1, 16) if INTERPRETED else (GPU_TILES["MIN_BLOCK_T"], GPU_TILES["MAX_BLOCK_T"])
 NUM_WARPS = 4
 
 
