@@ -5,7 +5,9 @@ length (LSWT's d_vocab = d_model, so its embedding matches Llama's; it still has
 LayerNorms and biases). Three tables:
 
 - training tokens/s (forward + cross-entropy + backward + AdamW step) of Llama, LSWT without registers
-  and LSWT in the seed's configuration (16 registers, reversed RoPE, input/output projections);
+  and LSWT in the seed's configuration (16 registers, reversed RoPE, input/output projections), the last
+  also with the loss as training computes it: the output head and cross-entropy in chunks of
+  `--loss_chunk_size` tokens (`head_losses`), never the batch's full logits;
 - registers at a long sequence (`--register_seq_len`, batch 1): tokens/s and peak allocated memory of a
   training step with 16 registers against none (goal: >= 0.9x the throughput, <= 1.1x the memory);
 - decoding ms/token at batch 1 after a prompt of each `--contexts` length: LSWT (seed configuration) with
@@ -28,8 +30,10 @@ import torch.nn.functional as F
 
 from benchmarks.common import markdown_table, peak_above_start, seconds
 from lctrain.models import build_model, count_parameters
+from lctrain.training.losses import head_losses, token_weights
 
 SEED = "LSWT seed configuration (16 registers, reversed RoPE, projections)"
+SEED_CHUNKED = "the same, chunked loss (as `fit` trains)"
 
 
 def lswt(args: argparse.Namespace, n_registers: int = 0) -> torch.nn.Module:
@@ -55,6 +59,16 @@ def llama(args: argparse.Namespace) -> torch.nn.Module:
 def train_step(model, optimizer, tokens) -> None:
     logits = model(tokens[:, :-1]).logits
     loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def chunked_train_step(model, optimizer, tokens, chunk_size: int) -> None:
+    """train_step with the loss of `fit`: hidden states only, the head and cross-entropy chunk by chunk."""
+    targets = tokens[:, 1:]
+    out = model(tokens[:, :-1], return_hidden=True, return_logits=False)
+    loss = head_losses(model.output_head, out.hidden, targets, token_weights(targets), chunk_size=chunk_size).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--new_tokens", type=int, default=16, help="decoded tokens per round and context")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest counts")
+    parser.add_argument("--loss_chunk_size", type=int, default=1024, help="tokens per chunk of the chunked loss")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "registers", "decoding"])
     args = parser.parse_args(argv)
@@ -154,14 +169,19 @@ def main(argv: list[str] | None = None) -> None:
 
     if "training" not in args.skip:
         tokens = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1))
+        chunked = copy.deepcopy(models[SEED])
         optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
+        optimizers[SEED_CHUNKED] = torch.optim.AdamW(chunked.parameters(), lr=1e-4)
         steps = {n: timed(lambda n=n: train_step(models[n], optimizers[n], tokens)) for n in models}
+        steps[SEED_CHUNKED] = timed(
+            lambda: chunked_train_step(chunked, optimizers[SEED_CHUNKED], tokens, args.loss_chunk_size)
+        )
         fastest(steps, 1)  # warm-up
         train = fastest(steps, args.repeats)
         n_tokens = args.batch_size * args.seq_len
         base = train["transformers LlamaForCausalLM"]
         rows = [[n, f"{n_tokens / t:,.0f}", f"{base / t:.2f}"] for n, t in train.items()]
-        print(f"\ntraining, batch {args.batch_size} x {args.seq_len} tokens")
+        print(f"\ntraining, batch {args.batch_size} x {args.seq_len} tokens; chunks of {args.loss_chunk_size} tokens")
         print(markdown_table(["model", "tokens/s", "vs Llama"], rows))
 
     if "registers" not in args.skip:
