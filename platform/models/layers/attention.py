@@ -14,6 +14,7 @@ drop its cached past (a new stream begins) while the other rows keep theirs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +24,8 @@ from ..output import ModelState
 from .kernels import Backend, attention, causal_mask
 from .norm import RMSNorm
 from .rope import RotaryScaling, apply_rotary, query_key_positions, rotate, rotation_at
+from .scan import kernels_agree
 from .self_extend import SelfExtendConfig, self_extend_attention
-
-FUSED_REGISTER_DEVICES = ("cpu",)  # where SDPA's fused kernel gives its lse (the flash CPU kernel)
 
 
 class _Tail:
@@ -267,8 +267,10 @@ class CausalSelfAttention(nn.Module):
         self, q_rot: Tensor, k_rot: Tensor, v: Tensor, q: Tensor, valid: Tensor | None, temperature: float = 1.0
     ) -> Tensor:
         """Attention of rotated queries (B, H, T, Dh) over rotated keys (B, Hkv, S, Dh), plus the registers,
-        which the un-rotated queries q score. On CPU the tokens keep SDPA's fused kernel: the registers are
-        a small (T, R) score block merged with them by log-sum-exp, the same softmax as one over both."""
+        which the un-rotated queries q score. The tokens keep SDPA's fused kernel: the registers are a small
+        (T, R) score block merged with them by log-sum-exp, the same softmax as one over both. On CPU that is
+        the flash CPU kernel; on CUDA the flash kernel (fp16/bf16, no key mask) or the memory-efficient one,
+        each once it has passed its check on the device (`_register_kernel`); otherwise the widened query."""
         if not self.n_registers:
             return attention(q_rot, k_rot, v, causal=True, backend=self.backend, key_mask=valid)
         reg_k, reg_v = self.register_keys, self.register_values
@@ -276,8 +278,9 @@ class CausalSelfAttention(nn.Module):
             reg_k = reg_k * temperature
         if q.shape[2] == 1:
             return _one_query_with_registers(q_rot, k_rot, v, q, reg_k, reg_v, valid)
-        if q.device.type in FUSED_REGISTER_DEVICES:
-            return _cpu_attention_with_registers(q_rot, k_rot, v, q, reg_k, reg_v, valid)
+        kernel = _register_kernel(q, valid)
+        if kernel is not None:
+            return _fused_attention_with_registers(q_rot, k_rot, v, q, reg_k, reg_v, valid, kernel)
         return _widened_query_attention(q_rot, k_rot, v, q, reg_k, reg_v, valid, self.backend)
 
     def _rope_attention(self, q: Tensor, k: Tensor, v: Tensor, n_cached: int, offset: int, valid: Tensor | None):
@@ -321,9 +324,11 @@ class CausalSelfAttention(nn.Module):
 def _widened_query_attention(
     q_rot: Tensor, k: Tensor, v: Tensor, q: Tensor, reg_k: Tensor, reg_v: Tensor, valid: Tensor | None, backend
 ) -> Tensor:
-    """Off CPU: one softmax over [registers ‖ keys] through the shared kernel, the two query forms stacked
-    along the head dim and the half each kind of key does not use zeroed. Exact, and fused on CUDA
-    (flash-attn pads the values to the widened head), at twice the head width for the scores."""
+    """One softmax over [registers ‖ keys] through the shared kernel, the two query forms stacked along the
+    head dim and the half each kind of key does not use zeroed. Exact, and fused on CUDA (flash-attn pads
+    the values to the widened head), at twice the head width for the scores: the path where the merge has
+    no kernel that returns its log-sum-exp (another device, float64, a CUDA kernel that failed its check,
+    or while torch.compile traces on CUDA), and the reference that check compares against."""
     B, R = q.shape[0], reg_k.shape[1]
     reg_k = reg_k.to(k.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, Dh)
     reg_v = reg_v.to(v.dtype).expand(B, -1, -1, -1)  # (B, Hkv, R, Dh)
@@ -357,23 +362,145 @@ def _one_query_with_registers(
     return y.reshape(B, H, 1, Dh)
 
 
-def _tokens_and_registers(q_rot, k, v, q, reg_k, reg_v, mask, is_causal):
+# --- the log-sum-exp merge: the tokens through a fused kernel that returns its lse ------------------------
+#
+# Each token kernel says how it masks (an additive mask and/or its causal flag), runs forward giving the
+# token output (B, H, T, Dh), its lse (B, H, T) and what its backward needs, and runs backward given the
+# joint output and the joint lse. Everything else (the register block, the merge, the registers' gradient)
+# is the same code for every kernel.
+
+
+def _additive_mask(visible: Tensor, dtype: torch.dtype, row_multiple: int = 1) -> Tensor:
+    """0 where `visible`, -inf elsewhere, in `dtype`; each row's storage padded to a multiple of
+    `row_multiple` elements (the memory-efficient kernel reads the mask in aligned rows)."""
+    S = visible.shape[-1]
+    padded = -(-S // row_multiple) * row_multiple
+    mask = torch.zeros((*visible.shape[:-1], padded), dtype=dtype, device=visible.device)[..., :S]
+    return mask.masked_fill_(~visible, float("-inf"))
+
+
+class _CpuFlashKernel:
+    """SDPA's flash kernel for CPU: any float dtype, an additive mask, a top-left causal flag."""
+
+    @staticmethod
+    def mask(valid: Tensor | None, B: int, H: int, T: int, S: int, q: Tensor) -> tuple[Tensor | None, bool]:
+        visible, is_causal = None, False
+        if valid is not None:
+            visible = valid[:, None, None, :]  # (B, 1, 1, S)
+            if T > 1:
+                visible = visible & causal_mask(T, S, q.device)  # (B, 1, T, S)
+        elif T > 1 and T == S:
+            is_causal = True
+        elif T > 1:
+            visible = causal_mask(T, S, q.device)  # (T, S): bottom-right, after a cache
+        if visible is None:
+            return None, is_causal
+        # the kernel takes an additive mask in the query's dtype
+        return torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf")), False
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+        )  # (B, H, T, Dh), (B, H, T)
+        return out, lse, ()
+
+    @staticmethod
+    def backward(dy, q, k, v, mask, is_causal, scale, y, lse, saved) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dy, q, k, v, y, lse, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+
+
+class _CudaFlashKernel:
+    """SDPA's flash kernel for CUDA (FlashAttention-2): fp16/bf16, no mask, and a causal flag aligned
+    bottom-right, so query i of T sees keys up to S - T + i: just what a call after a cache needs (which
+    is why `scaled_dot_product_attention` itself, whose causal flag means top-left, declines it when
+    T != S; torch.nn.attention.bias.causal_lower_right calls this op with is_causal=True for it)."""
+
+    @staticmethod
+    def mask(valid: Tensor | None, B: int, H: int, T: int, S: int, q: Tensor) -> tuple[Tensor | None, bool]:
+        if valid is not None:
+            raise ValueError("the flash kernel takes no key mask; registers with a key mask use 'efficient'")
+        return None, T > 1
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=scale
+        )  # (B, H, T, Dh), (B, H, T) fp32; the rest only concern its backward
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+    @staticmethod
+    def backward(dy, q, k, v, mask, is_causal, scale, y, lse, saved) -> tuple[Tensor, Tensor, Tensor]:
+        cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dy, q, k, v, y, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale
+        )
+
+
+class _CudaEfficientKernel:
+    """SDPA's memory-efficient kernel for CUDA: fp32 too, and an additive mask (its causal flag is
+    top-left, so only T == S uses it). Its lse comes padded along T (to a multiple of 32, the backward's
+    block); the backward is handed the joint lse in the same padded shape."""
+
+    @staticmethod
+    def mask(valid: Tensor | None, B: int, H: int, T: int, S: int, q: Tensor) -> tuple[Tensor | None, bool]:
+        if valid is None and T == S:
+            return None, True
+        visible = causal_mask(T, S, q.device)  # (T, S): bottom-right, after a cache
+        if valid is not None:
+            visible = valid[:, None, None, :] & visible  # (B, 1, T, S)
+        # the kernel takes (B, H, T, S) in the query's dtype, rows 16-aligned in memory (broadcast dims are free)
+        return _additive_mask(visible, q.dtype, row_multiple=16).expand(B, H, T, S), False
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, True, 0.0, is_causal, scale=scale
+        )  # (B, H, T, Dh), (B, H, T') fp32 with T' >= T
+        T = q.shape[2]
+        return out, lse[..., :T], (lse[..., T:], seed, offset)
+
+    @staticmethod
+    def backward(dy, q, k, v, mask, is_causal, scale, y, lse, saved) -> tuple[Tensor, Tensor, Tensor]:
+        padding, seed, offset = saved
+        lse = torch.cat([lse, padding], dim=-1)  # (B, H, T'): the shape the kernel gave
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dy, q, k, v, mask, y, lse, seed, offset, 0.0, [True, True, True, False], is_causal, scale=scale
+        )
+        return dq, dk, dv
+
+
+_TOKEN_KERNELS = {"cpu": _CpuFlashKernel, "flash": _CudaFlashKernel, "efficient": _CudaEfficientKernel}
+
+FUSED_REGISTER_DEVICES = ("cpu",)
+"""Device types whose token kernel (`_TOKEN_KERNELS` under the same name) the merge always uses: SDPA's
+flash kernel on CPU, checked by the tests. On CUDA the merge uses SDPA's flash or memory-efficient kernel
+once it has passed `_register_pairs` on that device (see `_register_kernel`); elsewhere, or when the
+check fails, registers take the widened query."""
+
+_CHECK_TOLERANCE = {torch.float32: 5e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+"""How far (relative to each value's largest magnitude) the merge may be from the widened query in the
+check: fp32 leaves room for TF32 matmuls, 16-bit dtypes for their rounding of outputs and gradients."""
+
+
+def _tokens_and_registers(q_rot, k, v, q, reg_k, reg_v, mask, is_causal, kernel="cpu"):
     """The joint softmax of the tokens (the fused kernel, with its lse) and the registers (scored here):
-    the output (B, H, T, Dh), the joint lse (B, H, T) and the registers' probabilities (B, H, T, R)."""
+    the output (B, H, T, Dh), the joint lse (B, H, T), the registers' probabilities (B, H, T, R) and what
+    the kernel's backward needs."""
     scale = q.shape[-1] ** -0.5
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_rot, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
-    )  # (B, H, T, Dh), (B, H, T)
+    out, lse, saved = _TOKEN_KERNELS[kernel].forward(q_rot, k, v, mask, is_causal, scale)  # (B, H, T, Dh), (B, H, T)
     compute = torch.promote_types(q.dtype, torch.float32)
     scores = q.to(compute) @ (reg_k.to(compute).transpose(-1, -2) * scale)  # (B, H, T, R)
     total = torch.logaddexp(lse.to(compute), scores.logsumexp(dim=-1))  # (B, H, T): the joint lse
     p_reg = (scores - total.unsqueeze(-1)).exp()  # (B, H, T, R): the registers' joint probabilities
     y = torch.addcmul(p_reg @ reg_v.to(compute), (lse.to(compute) - total).exp().unsqueeze(-1), out.to(compute))
-    return y.to(q.dtype), total.to(lse.dtype), p_reg
+    return y.to(q.dtype), total.to(lse.dtype), p_reg, saved
 
 
 class _RegisterAttention(torch.autograd.Function):
-    """Softmax attention over [registers ‖ tokens] on CPU, with the tokens through the fused flash kernel.
+    """Softmax attention over [registers ‖ tokens], with the tokens through a fused kernel (`_TOKEN_KERNELS`).
 
     Forward: the kernel gives the token output and its log-sum-exp; the register scores (T, R) join
     them by log-sum-exp. Backward: the kernel's backward, given the merged output and the merged lse,
@@ -382,19 +509,19 @@ class _RegisterAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_rot, k, v, q, reg_k, reg_v, mask, is_causal):
+    def forward(ctx, q_rot, k, v, q, reg_k, reg_v, mask, is_causal, kernel):
         # q_rot, q (B, H, T, Dh); k, v (B, H, S, Dh); reg_k, reg_v (H, R, Dh); mask additive or None
-        y, total, p_reg = _tokens_and_registers(q_rot, k, v, q, reg_k, reg_v, mask, is_causal)
+        y, total, p_reg, saved = _tokens_and_registers(q_rot, k, v, q, reg_k, reg_v, mask, is_causal, kernel)
         ctx.save_for_backward(q_rot, k, v, q, reg_k, reg_v, mask, y, total, p_reg)
-        ctx.is_causal = is_causal
+        ctx.is_causal, ctx.kernel, ctx.kernel_saved = is_causal, kernel, saved
         return y
 
     @staticmethod
     def backward(ctx, dy):
         q_rot, k, v, q, reg_k, reg_v, mask, y, total, p_reg = ctx.saved_tensors
         scale = q.shape[-1] ** -0.5
-        dq_rot, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dy.contiguous(), q_rot, k, v, y, total, 0.0, ctx.is_causal, attn_mask=mask, scale=scale
+        dq_rot, dk, dv = _TOKEN_KERNELS[ctx.kernel].backward(
+            dy.contiguous(), q_rot, k, v, mask, ctx.is_causal, scale, y, total, ctx.kernel_saved
         )
         compute = p_reg.dtype
         dy_c = dy.to(compute)
@@ -403,32 +530,92 @@ class _RegisterAttention(torch.autograd.Function):
         dq = (d_scores @ reg_k.to(compute)) * scale  # (B, H, T, Dh)
         d_reg_k = (d_scores.transpose(-1, -2) @ q.to(compute)).sum(0) * scale  # (H, R, Dh)
         d_reg_v = (p_reg.transpose(-1, -2) @ dy_c).sum(0)  # (H, R, Dh)
-        return dq_rot, dk, dv, dq.to(q.dtype), d_reg_k.to(reg_k.dtype), d_reg_v.to(reg_v.dtype), None, None
+        return dq_rot, dk, dv, dq.to(q.dtype), d_reg_k.to(reg_k.dtype), d_reg_v.to(reg_v.dtype), None, None, None
 
 
-def _cpu_attention_with_registers(
-    q_rot: Tensor, k: Tensor, v: Tensor, q: Tensor, reg_k: Tensor, reg_v: Tensor, valid: Tensor | None
+def _fused_attention_with_registers(
+    q_rot: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q: Tensor,
+    reg_k: Tensor,
+    reg_v: Tensor,
+    valid: Tensor | None,
+    kernel: str = "cpu",
 ) -> Tensor:
     """q_rot, q (B, H, T, Dh) over k, v (B, Hkv, S, Dh) (the last T keys are the queries', causal) and the
-    registers reg_k, reg_v (Hkv, R, Dh) -> (B, H, T, Dh)."""
-    H, Hkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    registers reg_k, reg_v (Hkv, R, Dh) -> (B, H, T, Dh), the tokens through `_TOKEN_KERNELS[kernel]`."""
+    B, H, Hkv, T, S = q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if Hkv != H:  # one key/value head per query head
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, Dh)
         reg_k, reg_v = reg_k.repeat_interleave(H // Hkv, dim=0), reg_v.repeat_interleave(H // Hkv, dim=0)  # (H, R, Dh)
     reg_k, reg_v = reg_k.to(q.dtype), reg_v.to(q.dtype)
-    visible, is_causal = None, False
-    if valid is not None:
-        visible = valid[:, None, None, :]  # (B, 1, 1, S)
-        if T > 1:
-            visible = visible & causal_mask(T, S, q.device)  # (B, 1, T, S)
-    elif T > 1 and T == S:
-        is_causal = True
-    elif T > 1:
-        visible = causal_mask(T, S, q.device)  # (T, S): bottom-right, after a cache
-    mask = None
-    if visible is not None:  # the kernel takes an additive mask in the query's dtype
-        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    mask, is_causal = _TOKEN_KERNELS[kernel].mask(valid, B, H, T, S, q)
     inputs = (q_rot, k, v, q, reg_k, reg_v)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _RegisterAttention.apply(*inputs, mask, is_causal)
-    return _tokens_and_registers(*inputs, mask, is_causal)[0]  # decoding: no autograd bookkeeping
+        return _RegisterAttention.apply(*inputs, mask, is_causal, kernel)
+    return _tokens_and_registers(*inputs, mask, is_causal, kernel)[0]  # decoding: no autograd bookkeeping
+
+
+def _register_kernel(q: Tensor, valid: Tensor | None) -> str | None:
+    """The token kernel that merges the registers here (a name in `_TOKEN_KERNELS`), or None for the
+    widened query. Off FUSED_REGISTER_DEVICES a kernel is taken only once it has passed its check on
+    this device for this dtype and head size (kernels_agree remembers the verdict; a failure logs one
+    warning). While torch.compile traces, an unchecked kernel cannot be checked: the widened query."""
+    if q.device.type in FUSED_REGISTER_DEVICES:
+        return q.device.type
+    if torch.compiler.is_compiling():
+        return None
+    for kernel in _checked_kernels(q, valid):
+        dtype, head_dim = q.dtype, q.shape[-1]
+        op = f"register attention ({kernel}, {str(dtype).removeprefix('torch.')}, head dim {head_dim})"
+        pairs = functools.partial(_register_pairs, kernel=kernel, dtype=dtype, head_dim=head_dim)
+        tolerance = _CHECK_TOLERANCE[dtype]
+        if kernels_agree(
+            q.device, op, pairs, kernels="SDPA's fused kernels", reference="widened-query", tolerance=tolerance
+        ):
+            return kernel
+    return None
+
+
+def _checked_kernels(q: Tensor, valid: Tensor | None) -> list[str]:
+    """The kernels to try, best first: on CUDA, flash for fp16/bf16 without a key mask (head sizes it
+    builds: multiples of 8 up to 256), then memory-efficient (fp32, masks); none elsewhere or for fp64."""
+    if q.device.type != "cuda" or q.dtype not in _CHECK_TOLERANCE:
+        return []
+    head_dim = q.shape[-1]
+    if valid is None and q.dtype != torch.float32 and head_dim % 8 == 0 and head_dim <= 256:
+        return ["flash", "efficient"]
+    return ["efficient"]
+
+
+def _register_pairs(
+    device: torch.device, kernel: str, dtype: torch.dtype, head_dim: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The merge through `kernel` in `dtype` on `device` against the widened query in fp32 from the same
+    (rounded) inputs: the output and the gradients of q_rot, k, v, q and both register tensors, each over
+    the reference's largest magnitude, for grouped heads at T == S and after a cache (S > T, bottom-right
+    causal), and with a key mask that hides one row's past where the kernel takes masks."""
+    generator = torch.Generator().manual_seed(0)
+    B, H, Hkv, R, T, M = 2, 4, 2, 3, 40, 24  # T not a multiple of 32: the efficient kernel pads its lse
+    valid = torch.ones(B, M + T, dtype=torch.bool)
+    valid[0, :M] = False  # row 0 began a new stream after the cache
+    cases = [(T, None), (M + T, None)]
+    if kernel != "flash":
+        cases.append((M + T, valid))
+    pairs = []
+    for S, key_mask in cases:
+        shapes = [(B, H, T, head_dim), (B, Hkv, S, head_dim), (B, Hkv, S, head_dim), (B, H, T, head_dim)]
+        shapes += [(Hkv, R, head_dim), (Hkv, R, head_dim), (B, H, T, head_dim)]
+        *inputs, dy = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+        key_mask = None if key_mask is None else key_mask.to(device)
+        ours = [t.to(device).requires_grad_() for t in inputs]
+        theirs = [t.to(device, torch.float32).requires_grad_() for t in inputs]
+        y_ours = _fused_attention_with_registers(*ours, key_mask, kernel)
+        y_theirs = _widened_query_attention(*theirs, key_mask, "sdpa")
+        got = (y_ours, *torch.autograd.grad(y_ours, ours, dy.to(device)))
+        want = (y_theirs, *torch.autograd.grad(y_theirs, theirs, dy.to(device, torch.float32)))
+        for a, b in zip(got, want, strict=True):
+            magnitude = b.detach().abs().max()
+            pairs.append((a.float() / magnitude, (b.detach() / magnitude).cpu()))
+    return pairs

@@ -63,32 +63,53 @@ def use_triton_kernel(kernel: str, x: Tensor, op: str = "recurrence", pairs: Pai
 
 
 Pairs = Callable[[torch.device], list[tuple[Tensor, Tensor]]]
-"""An op's check: on a device, run a small random case through its kernels and through PyTorch (on CPU),
-and return (kernel's, PyTorch's) pairs of outputs and gradients that must agree."""
+"""An op's check: on a device, run a small random case through its kernels and through its reference path
+(PyTorch's), and return (kernel's, reference's on CPU) pairs of outputs and gradients that must agree."""
 
-_VERDICTS: dict[str, bool] = {}  # "op on device" -> whether that op's Triton kernels passed kernels_agree there
+_VERDICTS: dict[str, bool] = {}  # "op on device" -> whether that op's kernels passed kernels_agree there
 
 
-def kernels_agree(device: torch.device, op: str = "recurrence", pairs: Pairs | None = None) -> bool:
-    """Once per op and device: do the op's Triton kernels compile and give the PyTorch path's values and
-    gradients (fp32, the small random case of `pairs`) here? While torch.compile traces, a device not
-    checked yet takes the PyTorch path."""
+def kernels_agree(
+    device: torch.device,
+    op: str = "recurrence",
+    pairs: Pairs | None = None,
+    *,
+    kernels: str = "the Triton kernels",
+    reference: str = "PyTorch",
+    tolerance: float = 1e-4,
+) -> bool:
+    """Once per op and device: do the op's `kernels` compile and give the `reference` path's values and
+    gradients (the small random case of `pairs`, to `tolerance`, relative and absolute) here? While
+    torch.compile traces, a device not checked yet takes the reference path."""
     key = f"{op} on {device}"
     if key in _VERDICTS:
         return _VERDICTS[key]
     if torch.compiler.is_compiling():
         return False
     try:
-        with torch.enable_grad():
+        # a plain context whatever the caller's: a first call may come under inference mode, autocast or
+        # activation checkpointing (whose saved-tensor hooks must not see the check's own graph)
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device.type, enabled=False),
+            torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
+        ):
             found = (pairs or recurrence_pairs)(device)
-        agree = all(torch.allclose(a.detach().cpu(), b, rtol=1e-4, atol=1e-4) for a, b in found)
-        reason = "they differ from the PyTorch path"
+        agree = all(torch.allclose(a.detach().cpu(), b, rtol=tolerance, atol=tolerance) for a, b in found)
+        reason = f"they differ from the {reference} path"
     except Exception as e:  # a Triton or driver version that cannot compile them: the PyTorch path still can
         agree, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not agree:
-        log.warning("%s kernel: the Triton kernels failed their check on %s (%s); using PyTorch", op, device, reason)
+        log.warning(
+            "%s kernel: %s failed their check on %s (%s); using the %s path", op, kernels, device, reason, reference
+        )
     _VERDICTS[key] = agree
     return agree
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
 
 
 def recurrence_pairs(device: torch.device) -> list[tuple[Tensor, Tensor]]:
