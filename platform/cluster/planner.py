@@ -182,11 +182,11 @@ def lswt_activations(config: Any, tokens: int, c: int, r: int, g: int) -> Activa
     """Peak activation bytes of an LSWT training step from autograd's saved tensors, per token (D d_model,
     F d_ff, H heads, V vocab, Dv d_vocab, L layers; c compute bytes, r residual-stream bytes, g gradient bytes).
 
-    Saved per block (pre-norm attention + SwiGLU), 2Dr + 6Dc + 4Fc + 4H + 16: LayerNorm 1 input Dr and its
+    Saved per block (pre-norm attention + SwiGLU), 2Dr + 6Dc + 2Fc + 4H + 16: LayerNorm 1 input Dr and its
     mean/rstd 8; its output, the q/k/v input, Dc; rotated q, k, v and the attention output 4Dc with the
     log-sum-exp 4H (flash/SDPA keep no T x T matrix; the output projection reads the attention output in
-    place); LayerNorm 2 Dr + 8; the SwiGLU input Dc, its up projection 2Fc (silu reads the gate half in
-    place), silu(gate) Fc and the down projection's input Fc. With checkpointing a block keeps its input Dr.
+    place); LayerNorm 2 Dr + 8; the SwiGLU input Dc and its up projection 2Fc (the gated down projection
+    recomputes the rest in backward). With checkpointing a block keeps its input Dr.
     Saved by the head: token ids 8, the embedding output Dv c, input LayerNorm Dc + 8, final LayerNorm
     Dr + 8 and its output Dc, the output projection Dv c, the logits V c (kept by the step for its metrics)
     and the fp32 log-softmax 4V.
@@ -201,7 +201,7 @@ def lswt_activations(config: Any, tokens: int, c: int, r: int, g: int) -> Activa
     sizes, with and without checkpointing.
     """
     D, F, H, V, Dv, L = config.d_model, config.d_ff, config.n_heads, config.vocab_size, config.d_vocab, config.n_layers
-    block = 2 * D * r + 6 * D * c + 4 * F * c + 4 * H + 16
+    block = 2 * D * r + 6 * D * c + 2 * F * c + 4 * H + 16
     head = 8 + Dv * c + D * c + 8 + D * r + 8 + D * c + Dv * c + V * c + 4 * V
     embedding_grad = V * Dv * g
 
@@ -219,7 +219,7 @@ def generic_activations(config: Any, tokens: int, c: int, r: int, g: int) -> Act
     and an untied head, from the common config names d_model, n_layers, n_heads, d_ff and vocab_size."""
     D, L, V = config.d_model, config.n_layers, config.vocab_size
     F, H = getattr(config, "d_ff", 4 * D), getattr(config, "n_heads", 1)
-    block = 2 * D * r + 6 * D * c + 4 * F * c + 4 * H + 16
+    block = 2 * D * r + 6 * D * c + 2 * F * c + 4 * H + 16
     head = 8 + D * c + D * r + 8 + D * c + V * c + 4 * V
 
     def peak(kept_per_block: int, recomputed: int) -> int:

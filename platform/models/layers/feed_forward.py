@@ -6,6 +6,7 @@ family validates the same names (and no string is turned into a class by lookup 
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,7 +18,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.
 class SwiGLU(nn.Module):
     """FFN(x) = W2 (silu(g) * u) with [u, g] = W1 x (Shazeer 2020).
 
-    One fused input projection of width 2 * d_ff; `d_ff` is the width after gating.
+    One fused input projection of width 2 * d_ff; `d_ff` is the width after gating. The gate and the
+    down projection run as one autograd step (`gated_linear`) that keeps only [u, g] for backward.
     """
 
     def __init__(self, d_model: int, d_ff: int, *, bias: bool = False):
@@ -27,8 +29,55 @@ class SwiGLU(nn.Module):
         exclude_from_weight_decay(self.up.bias, self.down.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        u, g = self.up(x).chunk(2, dim=-1)  # (B, T, F) each
-        return self.down(u * F.silu(g))
+        return gated_linear(self.up(x), self.down)  # up: (B, T, 2F) = [u, g]
+
+
+GATES: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "sigmoid": torch.sigmoid}
+
+
+def gated_linear(z: Tensor, linear: nn.Linear, gate: str = "silu") -> Tensor:
+    """linear(u * gate(g)) for z = [u, g] (..., 2F): a gated linear unit after its input projection
+    (SwiGLU with silu; SeqCond's readout with sigmoid).
+
+    Autograd through the plain expression keeps u and g, gate(g) and the product for backward, 4F numbers
+    per token; `_GatedLinear` keeps only z, 2F, and recomputes the elementwise part in backward (a few
+    passes over (..., F), no matrix product): a LSWT block saves about a third less for the same FLOPs.
+    """
+    if hasattr(linear.weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition is gathered only when `linear` runs
+        u, g = z.chunk(2, dim=-1)  # (..., F) each
+        return linear(u * GATES[gate](g))
+    return _GatedLinear.apply(z, linear.weight, linear.bias, gate)
+
+
+class _GatedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, weight, bias, gate):
+        ctx.weight_dtype, ctx.bias_dtype, ctx.gate = weight.dtype, None if bias is None else bias.dtype, gate
+        weight = weight.to(z.dtype)  # under autocast z is already in the compute dtype
+        u, g = z.chunk(2, dim=-1)  # (..., F) each
+        ctx.save_for_backward(z, weight)
+        return F.linear(u * GATES[gate](g), weight, None if bias is None else bias.to(z.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, weight = ctx.saved_tensors
+        u, g = z.chunk(2, dim=-1)  # (..., F) each
+        dz = torch.empty_like(z)  # (..., 2F): filled in place, so few (..., F) temporaries live at once
+        d_u, d_g = dz.chunk(2, dim=-1)
+        sig = torch.sigmoid(g)
+        d_u.copy_(sig)
+        if ctx.gate == "silu":
+            d_u.mul_(g)  # silu(g), for now
+        flat = (-1, dy.shape[-1])
+        d_weight = dy.reshape(flat).T @ (u * d_u).reshape(-1, u.shape[-1])  # (D, F)
+        dh = dy @ weight  # (..., F)
+        d_u.mul_(dh)  # dh * gate(g)
+        d_g.copy_(sig).neg_().add_(1)  # 1 - sig
+        if ctx.gate == "silu":  # silu'(g) = sig (1 + g (1 - sig)); sigmoid'(g) = sig (1 - sig)
+            d_g.mul_(g).add_(1)
+        d_g.mul_(sig).mul_(u).mul_(dh)  # dh * u * gate'(g)
+        d_bias = None if ctx.bias_dtype is None else dy.reshape(flat).sum(0).to(ctx.bias_dtype)
+        return dz, d_weight.to(ctx.weight_dtype), d_bias, None
 
 
 class LowRankFF(nn.Module):
