@@ -15,7 +15,7 @@ two moments included); "step's own" is the peak above those, what the step itsel
 tokens per second of process CPU time (CUDA: wall-clock), the two modes alternating round by round.
 Run from the repository root:
 
-    python -m benchmarks.chunked_loss [--batch 2] [--seq 1024] [--rounds 3] [--checkpointing]
+    python -m benchmarks.chunked_loss [--batch 2] [--seq 1024] [--rounds 3] [--checkpointing] [--no-full]
         [--model seqcond=seqcond:small]...
 """
 
@@ -84,9 +84,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk (model.loss_chunk_size)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed steps per mode; 0: memory only")
     parser.add_argument("--checkpointing", action="store_true", help="recompute every block in backward")
+    parser.add_argument(
+        "--no-full", action="store_true", help="chunked only (a batch whose full logits do not fit); no ratios"
+    )
     args = parser.parse_args()
     specs = setup(args, DEFAULT_MODELS)
-    modes = {"full": None, f"chunked {args.chunk}": args.chunk}
+    modes = {} if args.no_full else {"full": None}
+    modes[f"chunked {args.chunk}"] = args.chunk
     checkpointing = "on" if args.checkpointing else "off"
     print(f"{describe_device(args.device, args.dtype)}; batch {args.batch} x {args.seq} tokens; "
           f"activation checkpointing {checkpointing}\n")  # fmt: skip
@@ -112,11 +116,15 @@ def main() -> None:
                 times[name] += seconds(step, args.device, 1)
         tokens = args.rounds * ids.numel()
         for name in modes:
-            peak, full_peak = resident + above[name], resident + above["full"]
-            rate = f"{tokens / times[name]:,.0f} ({times['full'] / times[name]:.2f}x)" if args.rounds else "-"
+            peak = resident + above[name]
+            ratios = ("", "", "") if args.no_full else (
+                f" ({peak / (resident + above['full']):.2f}x)", f" ({above[name] / above['full']:.2f}x)",
+                f" ({times['full'] / times[name]:.2f}x)",
+            )  # fmt: skip
+            rate = f"{tokens / times[name]:,.0f}{ratios[2]}" if args.rounds else "-"
             rows.append([
-                spec.label, f"{vocab:,}", name, f"{peak / 2**30:.2f} GiB ({peak / full_peak:.2f}x)",
-                f"{above[name] / 2**30:.2f} GiB ({above[name] / above['full']:.2f}x)", rate,
+                spec.label, f"{vocab:,}", name, f"{peak / 2**30:.2f} GiB{ratios[0]}",
+                f"{above[name] / 2**30:.2f} GiB{ratios[1]}", rate,
             ])  # fmt: skip
         del model, optimizer, steps
     headers = ["model", "vocab", "loss", "peak", "step's own peak", "tokens/s"]

@@ -92,11 +92,36 @@ def _chunk_losses(logits: Tensor, targets: Tensor, ignore_index: int, top_k: int
     nll = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")  # (n,)
     if top_k is None:
         return nll, None, None
-    with torch.no_grad():
-        valid = targets != ignore_index
-        ranked = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices  # (n, k), best first
-        hits = ranked == targets[:, None]  # (n, k)
-        return nll, hits[:, 0] & valid, hits.any(dim=-1) & valid
+    return nll, *_hits(logits, targets, ignore_index, top_k)
+
+
+@torch.no_grad()
+def _hits(logits: Tensor, targets: Tensor, ignore_index: int, top_k: int) -> tuple[Tensor, Tensor]:
+    """(n,) bool each: a counted target that is the argmax of logits (n, V), and one among the top k."""
+    valid = targets != ignore_index
+    ranked = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices  # (n, k), best first
+    hits = ranked == targets[:, None]  # (n, k)
+    return hits[:, 0] & valid, hits.any(dim=-1) & valid
+
+
+def _losses_and_logit_gradient(logits: Tensor, targets: Tensor, weights: Tensor, ignore_index: int, top_k: int | None):
+    """`_chunk_losses` of logits (n, V), and the gradient of sum_i w_i * nll_i with respect to them, from one
+    softmax: w_i (softmax_i - onehot(t_i)). Autograd through `F.cross_entropy` would keep the log-softmax and
+    make two more (n, V) tensors in backward; here the gradient is formed in the fp32 copy (or one buffer)."""
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.detach().to(compute)  # (n, V): a copy when the logits are narrower, else the logits themselves
+    top1 = topk = None
+    if top_k is not None:
+        top1, topk = _hits(z, targets, ignore_index, top_k)
+    valid = targets != ignore_index
+    picked = targets.where(valid, 0)[:, None]  # (n, 1): a counted target, or any id where none is
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    nll = (lse - z.gather(1, picked)).squeeze(1).where(valid, 0.0)  # (n,)
+    grad = z if z.dtype != logits.dtype else torch.empty_like(z)
+    torch.sub(z, lse, out=grad).exp_()  # (n, V): the softmax
+    grad.scatter_add_(1, picked, grad.new_full(picked.shape, -1.0))
+    grad.mul_((weights.to(compute) * valid)[:, None])
+    return nll, top1, topk, grad.to(logits.dtype)
 
 
 def _head_leaves(probe: Tensor) -> list[Tensor]:
@@ -126,9 +151,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for (h, t), w in zip(_chunks(hidden, targets, chunk_size), weights.split(chunk_size)):
             h = h.detach().requires_grad_(want_hidden)
             with torch.enable_grad():
-                nll, top1, topk = _chunk_losses(head(h), t, ignore_index, top_k)
-                chunk_loss = (nll * w.to(nll.dtype)).sum()
-            grads = list(torch.autograd.grad(chunk_loss, [h] * want_hidden + list(leaves), allow_unused=True))
+                logits = head(h)  # (n, V)
+            nll, top1, topk, grad_logits = _losses_and_logit_gradient(logits, t, w, ignore_index, top_k)
+            chunk_loss = (nll * w.to(nll.dtype)).sum()
+            grads = list(torch.autograd.grad(logits, [h] * want_hidden + list(leaves), grad_logits, allow_unused=True))
+            del logits, grad_logits
             if want_hidden:
                 grad_hidden[start : start + len(t)] = grads.pop(0)  # (n, D)
             for total, grad in zip(grad_leaves, grads):
