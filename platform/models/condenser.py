@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .contract import exclude_from_weight_decay
+from .layers.feed_forward import gated_linear
 from .layers.norm import RMSNorm
-from .layers.scan import scan, use_triton_kernel
+from .layers.scan import Pairs, scan, use_triton_kernel
 from .output import ModelState, zero_rows
 from .seqcond_config import SeqCondConfig
 
@@ -253,6 +254,11 @@ class SequenceCondenser(nn.Module):
         """lambda (K,) fp32 > 0: the first K - num_anchor_heads heads decay, the rest are anchor heads."""
         return F.softplus(_wide(self.decay_raw))
 
+    def kernel_checks(self) -> list[tuple[str, str, Pairs | None]]:
+        """The Triton ops this layer may select (`settle_kernel_checks`): the fused condenser and, for its
+        normaliser, the recurrence."""
+        return [(self.config.scan_kernel, "condenser", kernel_pairs), (self.config.scan_kernel, "recurrence", None)]
+
     def forward(self, x: Tensor, state: CondenserState | None = None) -> tuple[Tensor, CondenserState]:
         B, T, _ = x.shape
         K, Kq, H, M = self.K, self.Kq, self.H, self.M
@@ -277,9 +283,9 @@ class SequenceCondenser(nn.Module):
         o = o.view(B, T, K * 2 * H)  # per head [Re (H), Im (H)]
 
         y = self.norm(o * _wide(F.silu(self.gate(x)))).to(x.dtype)  # gated RMSNorm in fp32, cast back
-        y = torch.einsum("btkc,kce->btke", y.view(B, T, K, 2 * H), self.readout)  # (B, T, K, 2E)
-        value, gate = y.chunk(2, dim=-1)  # (B, T, K, E) each
-        y = self.out((value * torch.sigmoid(gate)).flatten(2))  # (B, T, K*E) -> (B, T, D)
+        readout = self.readout.view(K, 2 * H, 2, self.E)  # each head's [values ‖ gates]
+        y = torch.einsum("btkc,kcge->btgke", y.view(B, T, K, 2 * H), readout)  # (B, T, 2, K, E)
+        y = gated_linear(y.flatten(2), self.out, gate="sigmoid")  # [values ‖ gates] (B, T, 2KE) -> (B, T, D)
         return self.dropout(y), new_state
 
     def _short_conv(self, z: Tensor, state: CondenserState | None) -> tuple[Tensor, Tensor]:

@@ -254,6 +254,10 @@ class SparseRecurrence(nn.Module):
         nn.init.constant_(self.alpha_logit, math.log(0.9 / 0.1))  # sigmoid^-1(0.9)
         nn.init.constant_(self.beta, 0.1)
 
+    def kernel_checks(self) -> list[tuple[str, str, None]]:
+        """The Triton op this layer may select (`settle_kernel_checks`): the recurrence, with its own check."""
+        return [(self.scan_kernel, "recurrence", None)]
+
     def forward(self, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
         """x (B, T, D), h0 (B, m) or None -> y (B, T, D) and the last state (B, m) in fp32."""
         m = self.beta.shape[0]

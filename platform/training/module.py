@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from ..cluster.strategies import build_for_strategy, named_parameters
 from ..data.tokenizer import check_same_tokenizer
+from ..models.layers.scan import settle_kernel_checks
 from ..models.output import ModelState, state_from_tree, state_to_tree
 from ..models.registry import family
 from ..models.spec import ModelSpec
@@ -73,10 +74,13 @@ def compile_options(value: bool | dict[str, Any] | None) -> dict[str, Any] | Non
     return dict(value)
 
 
-def compile_blocks(model: nn.Module, options: dict[str, Any]) -> None:
+def compile_blocks(model: nn.Module, options: dict[str, Any], device: torch.device | None = None) -> None:
     """Compile each repeated block in place (`Module.compile`): parameter names, FSDP2's per-block sharding
     and the per-block activation checkpointing (an overridden `forward`, traced inside the compiled call)
-    stay as they are, and one compiled graph serves every block of the same shape."""
+    stay as they are, and one compiled graph serves every block of the same shape. The Triton kernels'
+    checks for `device` run first: a graph traced before them would keep the PyTorch path."""
+    if device is not None:
+        settle_kernel_checks(model, device)
     for block in model.blocks:
         block.compile(**options)
 
@@ -206,7 +210,7 @@ class LanguageModelModule(L.LightningModule):
             self.model.embed.weight.requires_grad_(False)  # also on a sharded model built on the meta device
         options = compile_options(self.hparams.compile)
         if options is not None:
-            compile_blocks(self.model, options)
+            compile_blocks(self.model, options, strategy.root_device if strategy is not None else None)
 
     def _build_model(self, config) -> nn.Module:
         """The model, its input embedding warm-started when asked. A sharding strategy also builds a copy on

@@ -115,3 +115,35 @@ def test_the_command_line_trains_with_compiled_blocks(tmp_path, builtin_data):
     cli = fit(quick_fit_args(tmp_path / "run", builtin_data, "--model.compile", compile_arg, steps=3))
     assert all(block._compiled_call_impl is not None for block in cli.model.model.blocks)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize(
+    "arch,scan_kernel,ops",
+    [
+        ("seqcond", "auto", ["condenser", "recurrence"]),
+        ("serriform", "auto", ["recurrence"]),
+        ("seqcond", "torch", []),
+        ("lswt", None, []),
+    ],
+)
+def test_compiling_first_runs_the_kernel_checks_each_family_would_run(monkeypatch, arch, scan_kernel, ops):
+    """A graph traced before a Triton op's once-per-device check keeps the PyTorch path, so compile_blocks
+    runs every check the model's layers name (scan_kernel 'auto' only) on the device, then compiles."""
+    from lctrain.models.layers import scan as scan_module
+
+    events = []
+
+    def recording_use_triton_kernel(kernel, x, op="recurrence", pairs=None):
+        events.append(("check", op, x.device.type))
+        return False
+
+    monkeypatch.setattr(scan_module, "use_triton_kernel", recording_use_triton_kernel)
+    overrides = {} if scan_kernel is None else {"scan_kernel": scan_kernel}
+    model = build_model(arch, "debug", **overrides)
+    for block in model.blocks:
+        monkeypatch.setattr(block, "compile", lambda **kwargs: events.append(("compile",)))
+    compile_blocks(model, {"backend": "aot_eager"}, torch.device("cpu"))
+    checks = [e for e in events if e[0] == "check"]
+    assert sorted({op for _, op, _ in checks}) == sorted(ops)
+    assert all(device == "cpu" for _, _, device in checks)
+    assert events[len(checks) :] == [("compile",)] * len(model.blocks)  # every check before any compile

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .kernels import log_once
 
@@ -60,6 +60,19 @@ def use_triton_kernel(kernel: str, x: Tensor, op: str = "recurrence", pairs: Pai
             use = kernels_agree(x.device, op, pairs or recurrence_pairs)
     log_once(f"{op} kernel: {'triton' if use else 'torch'} on {x.device.type} (scan_kernel='{kernel}')")
     return use
+
+
+def settle_kernel_checks(model: nn.Module, device: torch.device) -> None:
+    """Run now, eagerly, the once-per-device check of every Triton op that `model` selects with
+    scan_kernel 'auto', so that a compiled graph, which cannot run a check while it traces (and so would
+    take the PyTorch path), finds the verdicts and uses the kernels on `device`. A module names its ops
+    in `kernel_checks()`: (its scan_kernel setting, the op, the op's check)."""
+    probe = torch.empty(0, device=device)
+    for module in model.modules():
+        if hasattr(module, "kernel_checks"):
+            for kernel, op, pairs in module.kernel_checks():
+                if kernel == "auto":
+                    use_triton_kernel(kernel, probe, op, pairs)
 
 
 Pairs = Callable[[torch.device], list[tuple[Tensor, Tensor]]]
