@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .contract import exclude_from_weight_decay
 from .layers.feed_forward import gated_linear
-from .layers.norm import RMSNorm
+from .layers.norm import RMSNorm, gated_rms_norm
 from .layers.scan import Pairs, scan, use_triton_kernel
 from .output import ModelState, zero_rows
 from .seqcond_config import SeqCondConfig
@@ -282,7 +282,7 @@ class SequenceCondenser(nn.Module):
         new_state = CondenserState(conv_tail.clone(), den.clone(), re.clone(), im.clone(), start + T)
         o = o.view(B, T, K * 2 * H)  # per head [Re (H), Im (H)]
 
-        y = self.norm(o * _wide(F.silu(self.gate(x)))).to(x.dtype)  # gated RMSNorm in fp32, cast back
+        y = gated_rms_norm(o, self.gate(x), self.norm).to(x.dtype)  # norm(o * silu(gate)) in fp32, cast back
         readout = self.readout.view(K, 2 * H, 2, self.E)  # each head's [values ‖ gates]
         y = torch.einsum("btkc,kcge->btgke", y.view(B, T, K, 2 * H), readout)  # (B, T, 2, K, E)
         y = gated_linear(y.flatten(2), self.out, gate="sigmoid")  # [values ‖ gates] (B, T, 2KE) -> (B, T, D)

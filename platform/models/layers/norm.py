@@ -31,6 +31,40 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}"
 
 
+def gated_rms_norm(x: Tensor, gate: Tensor, norm: RMSNorm) -> Tensor:
+    """norm(x * silu(gate)) in at least fp32, x and gate (..., C): a gated RMSNorm that keeps only x and
+    gate for backward (with each row's 1/rms), where autograd through the plain expression also keeps
+    silu(gate) and the product; backward recomputes them (elementwise passes, no matrix product)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), torch.float32)
+    return _GatedRMSNorm.apply(x, gate, norm.weight, norm.eps, dtype)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, dtype):
+        p = x.to(dtype) * F.silu(gate.to(dtype))  # (..., C)
+        rstd = torch.rsqrt(p.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.dtype = dtype
+        y = p.mul_(rstd)
+        return y if weight is None else y.mul_(weight.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gate, weight, rstd = ctx.saved_tensors
+        g = gate.to(ctx.dtype)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        n = x.to(ctx.dtype) * silu * rstd  # (..., C): the normalised product
+        dn = dy.to(ctx.dtype) if weight is None else dy.to(ctx.dtype) * weight.to(ctx.dtype)
+        d_weight = None if weight is None else (dy.to(ctx.dtype) * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        dp = (dn - n * (dn * n).mean(-1, keepdim=True)).mul_(rstd)  # through the 1/rms of the row
+        d_x = (dp * silu).to(x.dtype)
+        d_silu = sig * (1 + g * (1 - sig))  # d silu(g) / dg
+        d_gate = (dp * x.to(ctx.dtype) * d_silu).to(gate.dtype)
+        return d_x, d_gate, d_weight, None, None
+
+
 class LayerNorm(nn.LayerNorm):
     """torch's LayerNorm with its weight and bias out of weight decay (decay would pull the scale to 0)."""
 

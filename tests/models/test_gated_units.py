@@ -1,5 +1,6 @@
-"""The gated linear unit after its input projection (one autograd step keeping only [u, g]) equals the plain
-expression: SwiGLU (silu gate) and SeqCond's readout (sigmoid gate)."""
+"""The gated units that keep only their inputs for backward equal their plain expressions: the gated linear
+unit after its input projection (SwiGLU with a silu gate, SeqCond's readout with a sigmoid gate) and SeqCond's
+gated RMSNorm."""
 
 from __future__ import annotations
 
@@ -100,3 +101,61 @@ def test_under_autocast_the_gradients_reach_the_parameters_in_their_own_dtype():
     for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
         assert p.grad.dtype == torch.float32, name
         torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=0.05, msg=name)
+
+
+def gated_rms_norm_loop(x, gate, weight, eps):
+    """w * p / sqrt(mean(p^2) + eps) with p = x * silu(gate), one row at a time (float64)."""
+    out = torch.zeros_like(x)
+    for idx in itertools.product(*(range(n) for n in x.shape[:-1])):
+        p = [x[idx][c].item() * GATE_LOOPS["silu"](gate[idx][c].item()) for c in range(x.shape[-1])]
+        rms = math.sqrt(sum(v * v for v in p) / len(p) + eps)
+        for c, v in enumerate(p):
+            out[idx + (c,)] = v / rms * weight[c].item()
+    return out
+
+
+def test_gated_rms_norm_and_its_gradients_equal_the_plain_expression_and_the_loop():
+    """SeqCond's norm(o * silu(gate)): the forward against a float64 loop, the gradients against autograd
+    through the plain expression (float64), and only its inputs kept for backward."""
+    from lctrain.models.layers.norm import RMSNorm, gated_rms_norm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        got = gated_rms_norm(x, gate, norm)
+    assert sorted(saved) == sorted([(2, 3, 6), (2, 3, 6), (6,), (2, 3, 1)])  # x, gate, weight, 1/rms
+    torch.testing.assert_close(
+        got, gated_rms_norm_loop(x.detach(), gate.detach(), norm.weight, norm.eps), rtol=0, atol=1e-12
+    )
+    want = norm(x * torch.nn.functional.silu(gate))
+    weights = torch.randn_like(got)
+    inputs = [x, gate, norm.weight]
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), inputs), torch.autograd.grad((want * weights).sum(), inputs)
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_gated_rms_norm_with_a_bf16_gate_gives_gradients_in_each_inputs_dtype():
+    from lctrain.models.layers.norm import RMSNorm, gated_rms_norm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    gate = torch.randn(2, 5, 16).to(torch.bfloat16).requires_grad_()
+    y = gated_rms_norm(x, gate, norm)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert (x.grad.dtype, gate.grad.dtype, norm.weight.grad.dtype) == (torch.float32, torch.bfloat16, torch.float32)
+    gate_ref = gate.detach().float().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    reference = RMSNorm(16)
+    reference(x_ref * torch.nn.functional.silu(gate_ref)).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gate.grad.float(), gate_ref.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-5)
