@@ -1,6 +1,7 @@
 """RMSNorm, computed in at least fp32 and cast back, so a bf16 model normalises with full precision
-(and a float64 model in float64, so reference checks are not limited by the norm), and LayerNorm. Both
-flag their scale and shift to stay out of weight decay."""
+(and a float64 model in float64, so reference checks are not limited by the norm), its gated form
+`gated_rms_norm` (SeqCond's condenser), and LayerNorm. Both flag their scale and shift to stay out of
+weight decay."""
 
 import torch
 import torch.nn.functional as F
