@@ -2,7 +2,8 @@
 planner's estimate for the same layout.
 
 Each case trains the same LSWT size on the built-in corpus for a few steps in a fresh process: DDP and
-FSDP2 in bf16-mixed and bf16-true, FSDP2 with activation checkpointing, and Lightning's FSDPStrategy.
+FSDP2 in bf16-mixed and bf16-true, FSDP2 with activation checkpointing, Lightning's FSDPStrategy, and
+DeepSpeed ZeRO stages 1, 2 and 3 (configs/deepspeed/; skipped with a line when deepspeed is not installed).
 It uses torch, Lightning and torchmetrics only (not the command line), so it runs on a bare GPU image.
 Run from the repository root:
 
@@ -12,6 +13,7 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -26,7 +28,11 @@ CASES = [  # (strategy, precision, activation checkpointing); the first is the b
     ("fsdp2", "bf16-true", False),
     ("fsdp2", "bf16-mixed", True),
     ("fsdp", "bf16-mixed", False),
+    ("deepspeed-zero1", "bf16-mixed", False),  # configs/deepspeed/zero<stage>.json
+    ("deepspeed-zero2", "bf16-mixed", False),
+    ("deepspeed-zero3", "bf16-mixed", False),
 ]
+CUDA_ONLY = ("fsdp", "deepspeed")  # Lightning's FSDPStrategy and DeepSpeed refuse a CPU
 WARMUP = 10  # steps left out of the timing (compilation of kernels, allocator growth)
 
 
@@ -65,7 +71,9 @@ def run_case(args: argparse.Namespace) -> dict:
     module = LanguageModelModule(
         "lswt", args.size, vocab_size=data.vocab_size, activation_checkpointing=args.checkpointing, scheduler=None
     )
-    parallelism = Parallelism(strategy=args.strategy, activation_checkpointing=args.checkpointing)
+    strategy, _, zero = args.strategy.partition("-zero")  # "deepspeed-zero3" -> deepspeed, stage 3
+    zero_config = {"deepspeed_config": f"configs/deepspeed/zero{zero}.json"} if zero else {}
+    parallelism = Parallelism(strategy=strategy, activation_checkpointing=args.checkpointing, **zero_config)
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, strategy=build_strategy(parallelism, module, args.batch),
@@ -74,7 +82,7 @@ def run_case(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     layout = Layout(
-        strategy=args.strategy, precision=args.precision,
+        strategy=strategy, zero_stage=int(zero or 0), precision=args.precision,
         activation_checkpointing=args.checkpointing, micro_batch=args.batch, seq_len=args.seq_len,
     )  # fmt: skip
     estimate = plan_memory("lswt", args.size, module.model_config, layout)
@@ -105,21 +113,24 @@ def main() -> None:
     common = ["--size", args.size, "--seq_len", str(args.seq_len), "--batch", str(args.batch)]
     common += ["--steps", str(args.steps), "--data_dir", data_dir, "--accelerator", args.accelerator]
     print(f"LSWT {args.size}, micro-batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps")
-    print(f"{'strategy':8s} {'precision':10s} {'ckpt':5s} {'step ms':>8s} {'x base':>7s} {'peak GiB':>9s} "
+    print(f"{'strategy':16s} {'precision':10s} {'ckpt':5s} {'step ms':>8s} {'x base':>7s} {'peak GiB':>9s} "
           f"{'x base':>7s} {'planned GiB':>12s} {'peak/plan':>9s}")  # fmt: skip
     base = None
-    cases = CASES if args.accelerator == "gpu" else [c for c in CASES if c[0] != "fsdp"]  # FSDP1 needs CUDA
+    cases = CASES if args.accelerator == "gpu" else [c for c in CASES if c[0].split("-")[0] not in CUDA_ONLY]
     for strategy, precision, checkpointing in cases:
+        if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+            print(f"{strategy:16s} {precision:10s} {checkpointing!s:5s} skipped: deepspeed is not installed")
+            continue
         command = [sys.executable, "-m", "benchmarks.gpu_strategies", *common, "--case", strategy, precision]
         out = subprocess.run([*command, str(checkpointing)], capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
-            print(f"{strategy:8s} {precision:10s} {checkpointing!s:5s} failed: {out.stderr.strip().splitlines()[-1:]}")
+            print(f"{strategy:16s} {precision:10s} {checkpointing!s:5s} failed: {out.stderr.strip().splitlines()[-1:]}")
             continue
         r = json.loads(lines[-1][7:])
         base = base or r
         print(
-            f"{strategy:8s} {precision:10s} {checkpointing!s:5s} {r['step_s'] * 1e3:8.1f} "
+            f"{strategy:16s} {precision:10s} {checkpointing!s:5s} {r['step_s'] * 1e3:8.1f} "
             f"{r['step_s'] / base['step_s']:7.2f} {r['peak_gib']:9.2f} {r['peak_gib'] / base['peak_gib']:7.2f} "
             f"{r['estimate_gib']:12.2f} {r['peak_gib'] / r['estimate_gib']:9.2f}"
         )

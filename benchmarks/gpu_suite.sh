@@ -20,8 +20,12 @@ models=(
 )
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 run gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests
-run lswt_vs_llama 50 python3 -m benchmarks.lswt_vs_llama --device cuda --dtype bfloat16 --d_model 768 \
+# LSWT eager and compiled against eager Llama (bf16 autocast), then MFU at LSWT medium (949M): Llama and the
+# compiled LSWT as `fit` trains it only, the memory of the other rows' AdamW states and full logits left out.
+run lswt_vs_llama 240 python3 -m benchmarks.lswt_vs_llama --device cuda --dtype bf16 --compile --d_model 768 \
     --n_layers 12 --n_heads 12 --d_ff 3072 --vocab_size 50272 --seq_len 2048 --batch_size 8 --repeats 3
+run lswt_vs_llama_medium 240 python3 -m benchmarks.lswt_vs_llama --device cuda --dtype bf16 --compile \
+    --size medium --seq_len 2048 --batch_size 8 --repeats 3 --skip registers decoding eager full_logits
 run train_throughput 120 python3 -m benchmarks.train_throughput --device cuda --dtype bf16 --batch-size 4 \
     --lengths 2048 4096 8192 16384 --scan-kernels torch triton "${models[@]}"
 run kernel_memory 60 python3 -m benchmarks.kernel_memory --device cuda --dtype bf16 --batch-size 4 \
