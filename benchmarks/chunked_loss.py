@@ -25,9 +25,8 @@ import argparse
 from functools import partial
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import DTYPES, add_common_arguments, describe_device, markdown_table, seconds, setup
+from benchmarks.common import DTYPES, add_common_arguments, describe_device, markdown_table, seconds, setup, step_peak
 from lctrain.cluster.strategies import checkpoint_blocks
 from lctrain.training.losses import head_losses, token_weights
 
@@ -45,28 +44,6 @@ def train_step(model, optimizer, ids, targets, chunk_size: int | None) -> None:
     losses.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as during training
-
-
-def peak_above_start(step, device: str) -> int:
-    """Peak bytes allocated during `step()` above what was allocated when it began."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    from torch._C._profiler import _EventType
-
-    totals, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:  # the profiler's running total counts from zero when profiling starts
-        event = stack.pop()
-        if event.tag == _EventType.Allocation:
-            totals.append(event.extra_fields.total_allocated)
-        stack.extend(event.children)
-    return max(totals)
 
 
 def resident_bytes(model, optimizer) -> int:
@@ -107,7 +84,7 @@ def main() -> None:
         for step in steps.values():  # warm-up: AdamW's moments and the gradients get allocated
             step()
         resident = resident_bytes(model, optimizer)
-        above = {name: peak_above_start(step, args.device) for name, step in steps.items()}
+        above = {name: step_peak(step, args.device) for name, step in steps.items()}
         peaks = ", ".join(f"{name} {(resident + b) / 2**30:.2f} GiB" for name, b in above.items())
         print(f"{spec.label}: peak {peaks}", flush=True)  # kept if the timing rounds are cut short
         times = dict.fromkeys(modes, 0.0)
@@ -116,16 +93,15 @@ def main() -> None:
                 times[name] += seconds(step, args.device, 1)
         tokens = args.rounds * ids.numel()
         for name in modes:
-            peak = resident + above[name]
-            ratios = ("", "", "") if args.no_full else (
-                f" ({peak / (resident + above['full']):.2f}x)", f" ({above[name] / above['full']:.2f}x)",
-                f" ({times['full'] / times[name]:.2f}x)",
-            )  # fmt: skip
-            rate = f"{tokens / times[name]:,.0f}{ratios[2]}" if args.rounds else "-"
-            rows.append([
-                spec.label, f"{vocab:,}", name, f"{peak / 2**30:.2f} GiB{ratios[0]}",
-                f"{above[name] / 2**30:.2f} GiB{ratios[1]}", rate,
-            ])  # fmt: skip
+            peak, rate = resident + above[name], (tokens / times[name] if args.rounds else None)
+            rate_cell = "-" if rate is None else f"{rate:,.0f}"
+            cells = [f"{peak / 2**30:.2f} GiB", f"{above[name] / 2**30:.2f} GiB", rate_cell]
+            if not args.no_full:  # each as a ratio to the full-logits step
+                full_rate = tokens / times["full"] if args.rounds else None
+                full = [resident + above["full"], above["full"], full_rate]
+                values = [peak, above[name], rate]
+                cells = [c if f is None else f"{c} ({v / f:.2f}x)" for c, v, f in zip(cells, values, full)]
+            rows.append([spec.label, f"{vocab:,}", name, *cells])
         del model, optimizer, steps
     headers = ["model", "vocab", "loss", "peak", "step's own peak", "tokens/s"]
     print(markdown_table(headers, rows))

@@ -132,6 +132,23 @@ def describe_device(device: str, dtype: str) -> str:
     return f"CPU, {torch.get_num_threads()} thread(s), process CPU time ({dtype}, torch {torch.__version__})"
 
 
+def step_peak(step: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated during `step()` above what was allocated when it began: on CUDA the caching
+    allocator's peak, elsewhere torch's allocator accounting in the profiler (`peak_above_start`)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return peak_above_start(prof)
+
+
 def peak_above_start(prof) -> int:
     """The most bytes allocated at once during a `torch.profiler.profile(profile_memory=True)` run, above
     what was allocated when it started: torch's own allocator accounting, on any device."""

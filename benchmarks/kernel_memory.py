@@ -26,7 +26,6 @@ if not any("cuda" in arg for arg in sys.argv[1:]):
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     DTYPES,
@@ -37,9 +36,9 @@ from benchmarks.common import (  # noqa: E402
     describe_device,
     markdown_table,
     parameter_table,
-    peak_above_start,
     ratio_rows,
     setup,
+    step_peak,
 )
 from benchmarks.train_throughput import per_scan_kernel  # noqa: E402
 from lctrain.models import count_parameters  # noqa: E402
@@ -75,16 +74,7 @@ def step(model: torch.nn.Module, tokens: torch.Tensor) -> None:
 
 def activation_peak(model: torch.nn.Module, tokens: torch.Tensor, cuda: bool) -> int:
     """Bytes: the most allocated at once during one step, above the weights and gradients."""
-    if cuda:
-        torch.cuda.synchronize()
-        resting = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(model, tokens)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - resting
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, tokens)
-    return peak_above_start(prof)
+    return step_peak(lambda: step(model, tokens), "cuda" if cuda else "cpu")
 
 
 def main(argv: list[str] | None = None) -> None:

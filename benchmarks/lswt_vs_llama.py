@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DTYPES, describe_device, markdown_table, peak_above_start, seconds, synchronize
+from benchmarks.common import DTYPES, describe_device, markdown_table, seconds, step_peak
 from lctrain.models import build_model, count_parameters, flops
 from lctrain.models.registry import config_for
 from lctrain.training.losses import head_losses, token_weights
@@ -155,18 +155,7 @@ def peak_training_bytes(model, tokens, args: argparse.Namespace) -> int:
         loss.backward()
 
     try:
-        if args.device.startswith("cuda"):
-            synchronize(args.device)
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-            step()
-            synchronize(args.device)
-            return torch.cuda.max_memory_allocated() - start
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        return peak_above_start(prof)
+        return step_peak(step, args.device)
     finally:
         model.zero_grad(set_to_none=True)
 

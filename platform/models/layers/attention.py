@@ -379,24 +379,26 @@ def _additive_mask(visible: Tensor, dtype: torch.dtype, row_multiple: int = 1) -
     return mask.masked_fill_(~visible, float("-inf"))
 
 
+def _visible_keys(valid: Tensor | None, T: int, S: int, device) -> tuple[Tensor | None, bool]:
+    """Which of the S keys each of the T queries sees (bottom-right causal, and `valid` (B, S) where given):
+    a bool mask (B, 1, T, S) or (T, S), or None with the causal flag where T == S needs no mask (or T == 1
+    sees every key)."""
+    if valid is not None:
+        visible = valid[:, None, None, :]  # (B, 1, 1, S)
+        return (visible & causal_mask(T, S, device) if T > 1 else visible), False  # (B, 1, T, S)
+    if T > 1 and T == S:
+        return None, True
+    return (causal_mask(T, S, device) if T > 1 else None), False  # (T, S): bottom-right, after a cache
+
+
 class _CpuFlashKernel:
     """SDPA's flash kernel for CPU: any float dtype, an additive mask, a top-left causal flag."""
 
     @staticmethod
     def mask(valid: Tensor | None, B: int, H: int, T: int, S: int, q: Tensor) -> tuple[Tensor | None, bool]:
-        visible, is_causal = None, False
-        if valid is not None:
-            visible = valid[:, None, None, :]  # (B, 1, 1, S)
-            if T > 1:
-                visible = visible & causal_mask(T, S, q.device)  # (B, 1, T, S)
-        elif T > 1 and T == S:
-            is_causal = True
-        elif T > 1:
-            visible = causal_mask(T, S, q.device)  # (T, S): bottom-right, after a cache
-        if visible is None:
-            return None, is_causal
+        visible, is_causal = _visible_keys(valid, T, S, q.device)
         # the kernel takes an additive mask in the query's dtype
-        return torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf")), False
+        return (None if visible is None else _additive_mask(visible, q.dtype)), is_causal
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float):
@@ -446,11 +448,9 @@ class _CudaEfficientKernel:
 
     @staticmethod
     def mask(valid: Tensor | None, B: int, H: int, T: int, S: int, q: Tensor) -> tuple[Tensor | None, bool]:
-        if valid is None and T == S:
-            return None, True
-        visible = causal_mask(T, S, q.device)  # (T, S): bottom-right, after a cache
-        if valid is not None:
-            visible = valid[:, None, None, :] & visible  # (B, 1, T, S)
+        visible, is_causal = _visible_keys(valid, T, S, q.device)
+        if visible is None:
+            return None, is_causal
         # the kernel takes (B, H, T, S) in the query's dtype, rows 16-aligned in memory (broadcast dims are free)
         return _additive_mask(visible, q.dtype, row_multiple=16).expand(B, H, T, S), False
 
